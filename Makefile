@@ -1,0 +1,49 @@
+# Tandem developer entry points. Every target bootstraps .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is pinned and installed first: an unpinned torch (what the `torch`
+# extra asks for) would pull a multi-GB CUDA build; with 2.13.0 present, the
+# extra's range is already satisfied.
+TORCH_PIN := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-slow test-all protos lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev,torch]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Long drills and soaks (marked slow), not in the default run.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m '' $(PYTEST_ARGS)
+
+# Regenerate protos/tandem/v1/*_pb2*.py(i) from the .proto files.
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# Benchmarks print a table with a ratio against a baseline measured in the same run.
+bench: $(STAMP)
+	@set -e; found=0; for script in bench/*.py; do \
+	  [ -f "$$script" ] || continue; found=1; \
+	  echo "== $$script"; $(PY) "$$script"; \
+	done; [ $$found = 1 ] || echo "no benchmarks in bench/ yet"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Generated tandem API packages (see protos/tandem/*/ for the .proto sources)."""
