@@ -20,8 +20,12 @@ def generate(out: Path) -> None:
     from grpc_tools import protoc
 
     out.mkdir(parents=True, exist_ok=True)
+    # mypy-protobuf's plugins live beside this interpreter, which need not be on PATH.
+    bin_dir = Path(sys.executable).parent
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
