@@ -34,7 +34,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -277,7 +277,7 @@ class Engine(abc.ABC):
     async def prefill(self, request: PrefillRequest) -> PrefillResult: ...
 
     @abc.abstractmethod
-    def decode(self, request: DecodeRequest) -> AsyncIterator[DecodeStep]: ...
+    def decode(self, request: DecodeRequest) -> AsyncGenerator[DecodeStep, None]: ...
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...

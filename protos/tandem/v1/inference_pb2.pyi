@@ -129,7 +129,7 @@ class GenerateResponse(_message.Message):
 
     @_builtins.property
     def route(self) -> Global___RouteInfo:
-        """Set on the first and the last response."""
+        """Set on the last response only."""
 
     def __init__(
         self,

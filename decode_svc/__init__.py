@@ -1,0 +1,1 @@
+"""Decode worker: imports KV caches (or prefills locally) and streams generated tokens."""

@@ -1,0 +1,54 @@
+"""Engine and transport exceptions -> gRPC statuses, in one place.
+
+Every servicer wraps its work in `rpc_errors(context)`: a request that fails
+gets the status a client can act on and a message that says why, and the
+service itself stays up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from engine.base import CapacityExhausted, EngineError, InvalidRequest, KvMismatch
+from engine.kv.transport import KvNotFound, KvTransferError
+from engine.serving.admission import Refused
+
+log = logging.getLogger(__name__)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status and message for a known failure; None for a bug."""
+    if isinstance(exc, Refused):
+        return exc.code, exc.message
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, KvMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, KvNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, CapacityExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "no KV blocks or batch slots free; retry elsewhere"
+    if isinstance(exc, KvTransferError):
+        return grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}"
+    if isinstance(exc, EngineError):
+        return grpc.StatusCode.INTERNAL, f"engine error: {exc}"
+    return None
+
+
+@contextlib.asynccontextmanager
+async def rpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Aborts the RPC with the mapped status for known failures; INTERNAL (logged) for bugs."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        mapped = status_for(exc)
+        if mapped is None:
+            log.exception("unexpected failure serving a request")
+            mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        await context.abort(*mapped)

@@ -1,0 +1,204 @@
+"""The life of a worker process, shared by prefill and decode.
+
+    start gRPC (health NOT_SERVING) -> register STARTING -> load the engine
+    -> claim GPUs -> register READY, health SERVING, ready file
+    -> serve ... SIGTERM/SIGINT or drain intent ...
+    -> stop admitting (UNAVAILABLE), state DRAINING, finish in-flight work
+    -> revoke the lease (record and claims vanish) -> stop gRPC -> close engine
+
+A drain intent (tandemctl drain) runs the same drain but keeps the process
+up and deregistered; removing the intent registers it again.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from controlplane import __version__ as tandem_version
+from controlplane.registry import GpuAlreadyClaimed
+from controlplane.runtime.metrics import MetricsEndpoint
+from controlplane.runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
+from engine.base import Engine, EngineError, create_engine
+from engine.serving.admission import Admission
+from engine.serving.load import LoadReporter, WorkerLoadServicer
+from engine.serving.registration import WorkerRegistration
+from engine.serving.settings import WorkerSettings
+from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+EXIT_ENGINE_FAILED = 3
+EXIT_GPU_CLAIMED = 4
+
+
+@dataclass
+class WorkerContext:
+    """What a role's servicers get: the engine, admission, identity."""
+
+    settings: WorkerSettings
+    role: common_pb2.Role.ValueType
+    worker_id: str
+    node: str
+    host: str
+    engine: Engine
+    admission: Admission
+
+
+class WorkerRole(abc.ABC):
+    """A prefill or decode role: its servicers and its part of the load report."""
+
+    role: common_pb2.Role.ValueType
+    role_name: str
+    service_names: Sequence[str]
+
+    @abc.abstractmethod
+    def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
+        """Adds the role's servicers to `server` (called once, before start)."""
+
+    async def started(self, endpoint: str) -> None:  # noqa: B027 - optional hook
+        """Called once the gRPC server is bound, with the endpoint others dial."""
+
+    def fill_load(self, report: worker_pb2.LoadReport) -> None:  # noqa: B027 - optional hook
+        """Adds role-specific counters to a load report (default: nothing)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Frees the role's resources (KV handles...). Safe to call twice."""
+
+
+def _load_snapshot(ctx: WorkerContext, role: WorkerRole) -> worker_pb2.LoadReport:
+    stats = ctx.engine.stats()
+    report = worker_pb2.LoadReport(
+        worker_id=ctx.worker_id,
+        role=ctx.role,
+        queued_prefill_tokens=stats.queued_prefill_tokens,
+        active_requests=ctx.admission.in_flight,
+        active_sequences=stats.active_sequences,
+        kv_blocks_used=stats.kv_blocks_used,
+        kv_blocks_total=stats.kv_blocks_total,
+        kv_block_size_tokens=stats.kv_block_size,
+        draining=ctx.admission.draining,
+        max_batch_size=stats.max_batch_size,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+    )
+    role.fill_load(report)
+    return report
+
+
+async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
+    """Runs a worker until SIGTERM/SIGINT; returns the process exit status."""
+    worker_id = settings.resolved_worker_id(role.role_name)
+    node = settings.resolved_node()
+    metrics = MetricsEndpoint(settings.metrics_listen) if settings.metrics_listen else None
+    engine = create_engine(settings.engine, settings.engine_config())
+    admission = Admission(worker_id, settings.max_queued_requests)
+    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
+        if settings.tls_cert and settings.tls_key else None
+    service = GrpcService(settings.listen, service_names=[*role.service_names, "tandem.v1.Worker"], tls=tls)
+    host = settings.advertise_host or socket.gethostname()
+    ctx = WorkerContext(settings, role.role, worker_id, node, host, engine, admission)
+    role.mount(ctx, service.server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role))), service.server)
+
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    port = await service.start(serving=False)
+    endpoint = advertised_endpoint(settings.listen, port, settings.advertise_host)
+    await role.started(endpoint)
+    record = registry_pb2.WorkerRecord(
+        worker_id=worker_id, role=role.role, model=settings.served_model_name or settings.model,
+        endpoint=endpoint, node=node, gpu_uuids=settings.gpu_uuid_list(), gpu_type=settings.gpu_type,
+        gpu_count=settings.gpu_count, engine=settings.engine, state=registry_pb2.WORKER_STATE_STARTING,
+        versions=registry_pb2.VersionInfo(tandem=tandem_version, api="tandem.v1"),
+        simulated=settings.engine == "sim", kv_transports=settings.transports(),
+        metrics_endpoint=f"{host}:{metrics.port}" if metrics else "",
+        started_at_unix_ms=int(time.time() * 1000), host=host,
+    )
+
+    async def on_drain(wanted: bool) -> None:
+        if wanted:
+            admission.start_draining()
+            await registration.set_state(registry_pb2.WORKER_STATE_DRAINING)
+            await admission.wait_idle(timeout=float("inf"))
+            if admission.draining:
+                await registration.deregister()
+                await service.set_serving(False)
+        else:
+            admission.stop_draining()
+            await registration.register_again()
+            await registration.set_state(registry_pb2.WORKER_STATE_READY)
+            await service.set_serving(True)
+
+    registration = WorkerRegistration(settings, record, on_drain)
+    status = 0
+    try:
+        await registration.start()
+        log.info("loading engine", extra={"engine": settings.engine, "model": settings.model})
+        try:
+            await engine.start()
+        except EngineError as exc:
+            log.error("engine failed to start: %s", exc)
+            return EXIT_ENGINE_FAILED
+        try:
+            await registration.claim_gpus(settings.gpu_uuid_list())
+        except GpuAlreadyClaimed as exc:
+            log.error("cannot claim GPUs: %s", exc)
+            return EXIT_GPU_CLAIMED
+        stats = engine.stats()
+        record.capacity.CopyFrom(registry_pb2.WorkerCapacity(
+            kv_blocks_total=stats.kv_blocks_total, kv_block_size_tokens=stats.kv_block_size,
+            max_batch_size=stats.max_batch_size, max_context_tokens=engine.max_context_tokens))
+        if not admission.draining:
+            await registration.set_state(registry_pb2.WORKER_STATE_READY)
+            await service.set_serving(True)
+        announce_ready(settings.ready_file, endpoint=endpoint, worker_id=worker_id,
+                       metrics=record.metrics_endpoint)
+        log.info("worker ready", extra={"worker_id": worker_id, "endpoint": endpoint})
+        await stop.wait()
+    finally:
+        status = await _shutdown(settings, service, admission, registration, role, engine)
+        if metrics is not None:
+            metrics.close()
+    return status
+
+
+async def _shutdown(settings: WorkerSettings, service: GrpcService, admission: Admission,
+                    registration: WorkerRegistration, role: WorkerRole, engine: Engine) -> int:
+    """Finishes accepted work, then leaves: never drops a request that was accepted."""
+    admission.start_draining()
+    try:
+        await registration.set_state(registry_pb2.WORKER_STATE_DRAINING)
+    except Exception:
+        log.warning("could not mark the worker DRAINING in etcd")
+    finished = await admission.wait_idle(settings.shutdown_grace)
+    if not finished:
+        log.warning("shutdown grace over with requests in flight", extra={"in_flight": admission.in_flight})
+    await registration.close()
+    await service.stop(grace=1.0)
+    await role.close()
+    await engine.close()
+    log.info("worker stopped")
+    return 0
+
+
+def main_for(role: WorkerRole, prog: str, section: str, argv: Sequence[str] | None = None) -> int:
+    """Console-script entry: parse settings, configure logs, run until stopped."""
+    from controlplane.runtime.config import ConfigError, load_config
+    from controlplane.runtime.logs import configure_logging
+
+    try:
+        settings = load_config(WorkerSettings, argv, prog=prog, section=section,
+                               description=f"Tandem {section} worker")
+    except ConfigError as exc:
+        print(f"{prog}: {exc}")
+        return 2
+    configure_logging(prog, settings.log_level, settings.log_format)
+    return asyncio.run(run_worker(settings, role))

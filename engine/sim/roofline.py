@@ -1,0 +1,209 @@
+"""Roofline timing of prefill and decode: pure functions of GPU, model and work.
+
+Every engine step is charged ``max(FLOPs / compute, bytes / bandwidth)``:
+
+- compute   = peak bf16 FLOP/s x gpu_count x TP efficiency x MFU
+- bandwidth = HBM bytes/s      x gpu_count x TP efficiency x MBU
+  (TP efficiency applies only when gpu_count > 1: tensor parallelism splits
+  weights and KV evenly, and the all-reduces cost a fraction of each GPU.)
+
+A step computes, for each sequence in it, ``n`` new tokens on top of ``c``
+tokens already in the KV cache (prefill: n = prompt tokens not served from
+the prefix cache; decode: n = 1, c = the context so far). With T = sum of n:
+
+- FLOPs = 2 x active_params x T
+        + 4 x layers x heads x head_dim x sum(n x c + n(n+1)/2)
+  (QK^T and AV, causal: new token i attends to c + i + 1 positions)
+- bytes = weight bytes touched by T tokens + kv_bytes_per_token x sum(c + n)
+  (every weight read once per step; each sequence's cached KV read and its
+  new KV written once)
+
+Weights touched: all dense weights except the embedding table (a lookup),
+plus, for MoE, the experts the step's tokens route to. With uniform routing
+of k of E experts per token, T tokens leave an expert untouched with
+probability (1 - k/E)^T, so the expert bytes read are
+``expert_weight_bytes x (1 - (1 - k/E)^T)``: k/E of them at T = 1, nearly
+all for large batches.
+
+KV capacity: ``floor((memory x gpu_count x memory_utilization - weight bytes
+- activation reserve x gpu_count) / (block_size x kv_bytes_per_token))``.
+
+MFU, MBU and the rest are assumptions, parameters with defaults below; the
+figures a real GPU run would calibrate are listed in docs/engines.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from engine.base import EngineError
+from engine.catalog import GpuCatalog, GpuModel, default_catalog
+from engine.sim.profiles import ModelProfile
+
+
+@dataclass(frozen=True)
+class RooflineParams:
+    """Efficiency assumptions. Build with `create(...)` to have every range checked."""
+
+    # Fraction of peak bf16 FLOP/s the matmuls reach (prefill is compute-bound).
+    mfu: float = 0.5
+    # Fraction of HBM bandwidth the kernels reach (decode is bandwidth-bound).
+    mbu: float = 0.7
+    # Fraction of each GPU left after tensor-parallel all-reduces (gpu_count > 1).
+    tp_efficiency: float = 0.9
+    # Fraction of GPU memory the engine may use (vLLM's gpu_memory_utilization).
+    memory_utilization: float = 0.9
+    # Per GPU, held back for activations, CUDA graphs and the allocator (GB).
+    activation_reserve_gb: float = 2.0
+
+    _DESCRIPTIONS: ClassVar[dict[str, str]] = {
+        "mfu": "fraction of peak bf16 FLOP/s reached (compute-bound work)",
+        "mbu": "fraction of HBM bandwidth reached (bandwidth-bound work)",
+        "tp_efficiency": "per-GPU efficiency under tensor parallelism (gpu_count > 1)",
+        "memory_utilization": "fraction of GPU memory for weights + KV cache",
+        "activation_reserve_gb": "GB per GPU held back for activations",
+    }
+
+    @classmethod
+    def create(cls, **values: float) -> RooflineParams:
+        """Checks every range; EngineError names the field and the allowed range."""
+        params = cls(**values)
+        for name in ("mfu", "mbu", "tp_efficiency", "memory_utilization"):
+            value = getattr(params, name)
+            if not 0.0 < value <= 1.0:
+                raise EngineError(f"sim {name} must be in (0, 1], got {value}")
+        if not 0.0 <= params.activation_reserve_gb < math.inf:
+            raise EngineError(f"sim activation_reserve_gb must be >= 0, got {params.activation_reserve_gb}")
+        return params
+
+    def describe(self) -> list[str]:
+        """One line per assumption, for printing next to benchmark results."""
+        return [f"{f.name} = {getattr(self, f.name)}: {self._DESCRIPTIONS[f.name]}" for f in fields(self)]
+
+
+DEFAULT_PARAMS = RooflineParams()
+
+
+@dataclass(frozen=True)
+class GpuSet:
+    """`count` GPUs of one catalog model serving one model replica (tensor parallel)."""
+
+    gpu: GpuModel
+    count: int = 1
+
+    def _scale(self, params: RooflineParams) -> float:
+        return self.count * (params.tp_efficiency if self.count > 1 else 1.0)
+
+    def compute_flops(self, params: RooflineParams = DEFAULT_PARAMS) -> float:
+        """Effective FLOP/s: peak x count x TP efficiency x MFU."""
+        return self.gpu.bf16_flops * self._scale(params) * params.mfu
+
+    def bandwidth(self, params: RooflineParams = DEFAULT_PARAMS) -> float:
+        """Effective bytes/s: HBM bandwidth x count x TP efficiency x MBU."""
+        return self.gpu.hbm_bytes_per_s * self._scale(params) * params.mbu
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.gpu.memory_bytes * self.count
+
+    def describe(self) -> str:
+        return f"{self.count} x {self.gpu.catalog_id}"
+
+
+def gpu_set(gpu_type: str, count: int = 1, catalog: GpuCatalog | None = None) -> GpuSet:
+    """The GpuSet for a catalog id; EngineError names the known ids or the bad count."""
+    if count < 1:
+        raise EngineError(f"gpu_count must be >= 1, got {count}")
+    if not gpu_type:
+        raise EngineError("the sim engine needs gpu_type, a GPU catalog id such as 'H100-SXM'")
+    try:
+        return GpuSet((catalog or default_catalog()).get(gpu_type), count)
+    except KeyError as exc:
+        raise EngineError(str(exc.args[0])) from None
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float
+    bytes: float
+
+
+def weight_bytes_touched(profile: ModelProfile, tokens: int) -> float:
+    """Weight bytes one step over `tokens` tokens reads (see module docstring)."""
+    if tokens <= 0:
+        return 0.0
+    dense = (profile.dense_params - profile.embedding_params) * profile.dense_weight_bytes
+    if not profile.is_moe:
+        return dense
+    untouched = (1.0 - profile.experts_per_token / profile.num_experts) ** tokens
+    return dense + profile.expert_params * profile.expert_weight_bytes * (1.0 - untouched)
+
+
+def attention_flops(profile: ModelProfile, new_tokens: int, cached_tokens: int) -> float:
+    """Causal attention FLOPs for `new_tokens` after `cached_tokens` (all layers)."""
+    pairs = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2
+    return 4.0 * profile.num_layers * profile.num_heads * profile.head_dim * pairs
+
+
+def step_cost(profile: ModelProfile, work: Iterable[tuple[int, int]]) -> StepCost:
+    """FLOPs and bytes of one step; `work` holds (new_tokens, cached_tokens) per sequence."""
+    tokens = 0
+    flops = 0.0
+    kv_tokens = 0
+    for new, cached in work:
+        if new < 0 or cached < 0:
+            raise ValueError(f"token counts must be >= 0, got new={new} cached={cached}")
+        tokens += new
+        kv_tokens += new + cached
+        flops += attention_flops(profile, new, cached)
+    flops += 2.0 * profile.active_params * tokens
+    nbytes = weight_bytes_touched(profile, tokens) + float(profile.kv_bytes_per_token) * kv_tokens
+    return StepCost(flops, nbytes)
+
+
+def step_seconds(
+    gpus: GpuSet, profile: ModelProfile, work: Iterable[tuple[int, int]], params: RooflineParams = DEFAULT_PARAMS
+) -> float:
+    """Seconds of one step: max(FLOPs / compute, bytes / bandwidth); 0 for no work."""
+    cost = step_cost(profile, work)
+    if cost.flops == 0.0:
+        return 0.0
+    return max(cost.flops / gpus.compute_flops(params), cost.bytes / gpus.bandwidth(params))
+
+
+def prefill_seconds(
+    gpus: GpuSet, profile: ModelProfile, new_tokens: int, cached_tokens: int = 0,
+    params: RooflineParams = DEFAULT_PARAMS,
+) -> float:
+    """Seconds to prefill `new_tokens` after `cached_tokens` prefix-cached ones, alone on the GPUs."""
+    return step_seconds(gpus, profile, [(new_tokens, cached_tokens)], params)
+
+
+def decode_step_seconds(
+    gpus: GpuSet, profile: ModelProfile, contexts: Sequence[int], params: RooflineParams = DEFAULT_PARAMS
+) -> float:
+    """Seconds of one decode step: one new token for each sequence, `contexts` cached tokens each."""
+    return step_seconds(gpus, profile, [(1, c) for c in contexts], params)
+
+
+def kv_capacity_blocks(
+    gpus: GpuSet, profile: ModelProfile, block_size: int, params: RooflineParams = DEFAULT_PARAMS
+) -> int:
+    """KV blocks that fit beside the weights; EngineError when the model does not fit."""
+    if block_size < 1:
+        raise EngineError(f"kv_block_size must be >= 1, got {block_size}")
+    usable = gpus.memory_bytes * params.memory_utilization
+    reserve = params.activation_reserve_gb * 1e9 * gpus.count
+    free = usable - profile.weight_bytes - reserve
+    blocks = math.floor(free / (block_size * profile.kv_bytes_per_token)) if free > 0 else 0
+    if blocks < 1:
+        raise EngineError(
+            f"{profile.profile_id} does not fit on {gpus.describe()}: weights {profile.weight_bytes / 1e9:.1f} GB"
+            f" + activation reserve {reserve / 1e9:.1f} GB leave no room for a KV block in"
+            f" {usable / 1e9:.1f} GB ({params.memory_utilization:.0%} of {gpus.memory_bytes / 1e9:.0f} GB);"
+            " use more GPUs (gpu_count) or a larger GPU type"
+        )
+    return blocks

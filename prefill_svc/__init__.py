@@ -1,0 +1,1 @@
+"""Prefill worker: computes prompts' KV caches and first tokens, and serves the KV to decode workers."""

@@ -1,0 +1,94 @@
+"""The Prefill service: prompt in, first token and a KV handle out.
+
+Thin over the engine (engine.base.Engine.prefill) and the KV exporter
+(engine.kv.exporter.KvExporter), which keeps the KV under a handle until a
+decode worker pulls and releases it, or its TTL passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+
+from controlplane.runtime.logs import request_scope
+from engine.base import PrefillRequest
+from engine.kv.exporter import KvExporter
+from engine.serving.convert import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
+from engine.serving.errors import rpc_errors
+from engine.serving.process import WorkerContext, WorkerRole
+from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServicer):
+    def __init__(self, ctx: WorkerContext, exporter: KvExporter, endpoint: list[str]) -> None:
+        self.ctx = ctx
+        self.exporter = exporter
+        # Filled once the server is bound (the port is known only then).
+        self._endpoint = endpoint
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        arrived = time.perf_counter()
+        with request_scope(request_id):
+            async with rpc_errors(context):
+                engine = self.ctx.engine
+                check_model(engine.model_name, request.model)
+                sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
+                prompt = check_prompt(request.prompt_token_ids, vocab_size=engine.tokenizer.vocab_size,
+                                      max_context_tokens=engine.max_context_tokens, max_tokens=sampling.max_tokens)
+                with self.ctx.admission.admit():
+                    result = await engine.prefill(PrefillRequest(request_id, prompt, sampling))
+                    response = worker_pb2.PrefillResponse(
+                        request_id=request_id,
+                        first_token_id=result.first_token,
+                        finish_reason=finish_reason_to_proto(result.finish_reason),
+                        queue_ms=result.queue_s * 1000,
+                        prefill_ms=result.prefill_s * 1000,
+                        cached_prompt_tokens=result.cached_tokens,
+                    )
+                    if result.kv is not None:
+                        handle = await self.exporter.offer(
+                            result.kv, transports=list(request.kv_transports), consumer_host=request.consumer_host)
+                        handle.source_worker_id = self.ctx.worker_id
+                        handle.source_endpoint = self._endpoint[0]
+                        response.handle.CopyFrom(handle)
+                log.info("prefilled", extra={"prompt_tokens": len(prompt),
+                                             "ms": round((time.perf_counter() - arrived) * 1000, 2),
+                                             "transport": response.handle.transport})
+                return response
+        raise AssertionError("unreachable")  # rpc_errors aborts
+
+
+class PrefillRole(WorkerRole):
+    role = common_pb2.ROLE_PREFILL
+    role_name = "prefill"
+    service_names = ("tandem.v1.Prefill", "tandem.v1.KvSource")
+
+    def __init__(self) -> None:
+        self.exporter: KvExporter | None = None
+        self.endpoint: list[str] = [""]
+
+    def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
+        self.exporter = KvExporter(transports=ctx.settings.transports(), host=ctx.host,
+                                   default_ttl_s=ctx.settings.kv_handle_ttl)
+        worker_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(ctx, self.exporter, self.endpoint), server)
+        worker_pb2_grpc.add_KvSourceServicer_to_server(self.exporter.servicer, server)
+
+    async def started(self, endpoint: str) -> None:
+        self.endpoint[0] = endpoint
+        assert self.exporter is not None
+        await self.exporter.start()
+
+    def fill_load(self, report: worker_pb2.LoadReport) -> None:
+        if self.exporter is not None:
+            report.open_kv_handles = self.exporter.open_handles
+
+    async def close(self) -> None:
+        if self.exporter is not None:
+            await self.exporter.close()

@@ -1,0 +1,1 @@
+"""The router: public Inference API, registry view, routing policy (pure) and the client library."""

@@ -1,0 +1,40 @@
+"""The router's Prometheus series (tandem_router_*)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from router_svc.pipeline import Outcome
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class RouterMetrics:
+    """Created once per process (prometheus-client registers series globally)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("tandem_router_requests", "Requests by final gRPC status", ["status"])
+        self.e2e = Histogram("tandem_router_request_seconds", "End-to-end request time", buckets=_LATENCY_BUCKETS)
+        self.ttft = Histogram("tandem_router_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS)
+        self.inter_token = Histogram("tandem_router_inter_token_seconds", "Mean inter-token latency per request",
+                                     buckets=_LATENCY_BUCKETS)
+        self.queue = Histogram("tandem_router_queue_seconds", "Queue time (router and worker)",
+                               buckets=_LATENCY_BUCKETS)
+        self.kv_transfer = Histogram("tandem_router_kv_transfer_seconds", "KV cache transfer time",
+                                     buckets=_LATENCY_BUCKETS)
+        self.retries = Counter("tandem_router_retries", "Worker calls retried elsewhere before the first token")
+        self.migrations = Counter("tandem_router_migrations", "Sequences moved to a new pair mid-stream")
+        self.decisions = Counter("tandem_router_decisions", "Routing decisions by reason", ["reason"])
+        self.tokens = Counter("tandem_router_generated_tokens", "Tokens streamed to clients")
+
+    def observe(self, outcome: Outcome) -> None:
+        self.ttft.observe(outcome.ttft_ms / 1000)
+        if outcome.mean_inter_token_ms:
+            self.inter_token.observe(outcome.mean_inter_token_ms / 1000)
+        self.queue.observe(outcome.queue_ms / 1000)
+        if outcome.kv_transfer_ms:
+            self.kv_transfer.observe(outcome.kv_transfer_ms / 1000)
+        self.retries.inc(outcome.retries)
+        self.migrations.inc(outcome.migrations)
+        self.decisions.labels(reason=outcome.reason or "none").inc()
+        self.tokens.inc(outcome.completion_tokens)

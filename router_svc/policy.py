@@ -1,0 +1,433 @@
+"""Routing policy: (request, fleet view, now) -> which decode worker, which prefill worker. Pure.
+
+Zero I/O: the servicer hands in a `FleetView` snapshot and the time, and
+gets a `Decision` or a typed `RouteError`. Time comes from the caller, so a
+replay harness drives the same code deterministically.
+
+Every policy shares one frame:
+
+1. Eligibility, in one pass over the model's candidates: routable, not in
+   `request.exclude` (workers that already failed this request), context
+   long enough, and (decode) enough free KV blocks for prompt + max_tokens
+   and a free batch slot.
+2. Disaggregate or not. The decode worker prefills locally when the prompt
+   is short ("short-prompt"), no prefill worker is eligible
+   ("no-prefill-worker"), every eligible one has more than
+   `prefill_queue_limit_tokens` queued ("prefill-saturated"), or the caller
+   asks for it ("local-required", e.g. a migration that rebuilds the KV of
+   prompt + generated tokens on the new worker).
+3. The policy picks the decode worker, then (when disaggregated) the
+   prefill worker for it. The reason is then the policy's name.
+
+No eligible decode worker: `NoCapacity` when some were only full (the
+servicer answers RESOURCE_EXHAUSTED with `retry_after_s`), `NoWorker`
+otherwise (UNAVAILABLE: none serves the model, or none is routable).
+
+Cost: O(candidates of the model) per decision; no pairwise scoring.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from router_svc.candidates import Candidate, FleetView
+from router_svc.costmodel import CostModel, ModelShape, blocks_needed
+
+REASON_SHORT_PROMPT = "short-prompt"
+REASON_NO_PREFILL = "no-prefill-worker"
+REASON_PREFILL_SATURATED = "prefill-saturated"
+REASON_LOCAL_REQUIRED = "local-required"
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What the policy needs to know of one request (already validated and tokenized)."""
+
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    # The model's size and KV footprint; None: PolicyConfig.default_shape.
+    shape: ModelShape | None = None
+    # Worker ids that already failed this request (retries, migration).
+    exclude: frozenset[str] = frozenset()
+    # Keep this decode worker if it is still eligible (retrying only the prefill).
+    decode_worker_id: str = ""
+    allow_remote_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """The cost model's expectation for the chosen pair, in seconds."""
+
+    prefill_queue_s: float = 0.0
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    # Prompt work already queued on the decode worker (remote prefill only;
+    # for a local prefill it is prefill_queue_s).
+    decode_queue_s: float = 0.0
+    inter_token_s: float = 0.0
+    decode_s: float = 0.0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def ttft_s(self) -> float:
+        # The first token comes out of the prefill, wherever it runs.
+        return self.prefill_queue_s + self.prefill_s
+
+    @property
+    def total_s(self) -> float:
+        return self.ttft_s + self.kv_transfer_s + self.decode_queue_s + self.decode_s
+
+
+@dataclass(frozen=True)
+class Decision:
+    decode: Candidate
+    # None: the decode worker prefills locally.
+    prefill: Candidate | None
+    # The policy's name when disaggregated, else why the prefill is local.
+    reason: str
+    policy: str
+    estimates: Estimates
+
+    @property
+    def local_prefill(self) -> bool:
+        return self.prefill is None
+
+
+class RouteError(Exception):
+    """No decode worker can take the request; the message says why, for a person."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class NoWorker(RouteError):
+    """No routable worker serves the model now (UNAVAILABLE)."""
+
+
+class NoCapacity(RouteError):
+    """Routable workers exist but every one is full (RESOURCE_EXHAUSTED); retry after `retry_after_s`."""
+
+    def __init__(self, model: str, message: str, retry_after_s: float) -> None:
+        super().__init__(model, message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    # Prompts up to this many tokens are prefilled on the decode worker: a KV
+    # transfer costs more than it saves.
+    local_prefill_max_prompt_tokens: int = 256
+    # A prefill worker with more queued prompt tokens than this is saturated.
+    prefill_queue_limit_tokens: int = 65536
+    # Load reports older than this (or none yet) add stale_load_penalty_s to
+    # a candidate's expected time: prefer workers whose load is known.
+    stale_load_s: float = 5.0
+    stale_load_penalty_s: float = 0.25
+    # Hint carried by NoCapacity.
+    retry_after_s: float = 1.0
+    default_shape: ModelShape = field(default_factory=ModelShape)
+
+
+@dataclass
+class _Pools:
+    decode: list[Candidate] = field(default_factory=list)
+    # Eligible prefill workers with room in their queue, and those without.
+    prefill: list[Candidate] = field(default_factory=list)
+    saturated: list[Candidate] = field(default_factory=list)
+    decoders_seen: int = 0
+    prefillers_seen: int = 0
+    unroutable: Counter[str] = field(default_factory=Counter)
+    full: Counter[str] = field(default_factory=Counter)
+
+
+class Policy(abc.ABC):
+    """A routing policy. `choose` may run concurrently only for stateless policies.
+
+    Round-robin keeps a counter and random an rng: the router holds one
+    policy object and calls it from its event loop (one thread).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        cost: CostModel | None = None,
+        config: PolicyConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cost = cost if cost is not None else CostModel()
+        self.config = config or PolicyConfig()
+        self.rng = rng if rng is not None else random.Random(0)
+
+    def choose(self, request: RouteRequest, view: FleetView, now: float) -> Decision:
+        """The pair for `request` in `view` at time `now`; raises NoWorker or NoCapacity."""
+        shape = request.shape or self.config.default_shape
+        pools = self._eligible(request, view)
+        if not pools.decode:
+            raise self._no_decode_error(request, pools)
+
+        local_reason = self._local_reason(request, pools)
+        decode = next((c for c in pools.decode if c.worker_id == request.decode_worker_id), None)
+        if decode is None:
+            decode = self.pick_decode(pools.decode, request, shape, now, local=bool(local_reason))
+        prefill = None
+        if not local_reason:
+            prefill = self.pick_prefill(pools.prefill, decode, request, shape, now)
+        return Decision(
+            decode=decode,
+            prefill=prefill,
+            reason=local_reason or self.name,
+            policy=self.name,
+            estimates=self.estimate(prefill, decode, request, shape),
+        )
+
+    @abc.abstractmethod
+    def pick_decode(
+        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
+    ) -> Candidate:
+        """One of `pool` (non-empty, sorted by worker_id); `local`: it will prefill too."""
+
+    @abc.abstractmethod
+    def pick_prefill(
+        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
+    ) -> Candidate:
+        """One of `pool` (non-empty, sorted by worker_id) to prefill for `decode`."""
+
+    # -- shared frame ----------------------------------------------------------------
+
+    def _eligible(self, request: RouteRequest, view: FleetView) -> _Pools:
+        pools = _Pools()
+        context = request.prompt_tokens + request.max_tokens
+        for c in view.candidates(request.model):
+            if c.model != request.model:
+                continue
+            decodes, prefills = c.role.decodes, c.role.prefills_for_others
+            pools.decoders_seen += decodes
+            pools.prefillers_seen += prefills
+            if not c.routable:
+                pools.unroutable[c.unroutable] += 1
+            elif c.worker_id in request.exclude:
+                pools.unroutable["already failed this request"] += 1
+            elif decodes:
+                if c.max_context_tokens and context > c.max_context_tokens:
+                    pools.unroutable[f"context under {context} tokens"] += 1
+                elif c.blocks_total and c.free_blocks < blocks_needed(context, c.block_size):
+                    pools.full[f"under {blocks_needed(context, c.block_size)} free KV blocks"] += 1
+                elif c.load is not None and c.batch_limit and c.load.active_sequences >= c.batch_limit:
+                    pools.full["batch full"] += 1
+                else:
+                    pools.decode.append(c)
+            elif prefills and not (c.max_context_tokens and request.prompt_tokens >= c.max_context_tokens):
+                (pools.saturated if self._saturated(c) else pools.prefill).append(c)
+        return pools
+
+    def _saturated(self, c: Candidate) -> bool:
+        if c.load is None:
+            return False
+        if c.load.queued_prefill_tokens > self.config.prefill_queue_limit_tokens:
+            return True
+        # Not even room for this prompt's KV until queued work drains.
+        return bool(c.blocks_total) and c.free_blocks == 0
+
+    def _local_reason(self, request: RouteRequest, pools: _Pools) -> str:
+        if not request.allow_remote_prefill:
+            return REASON_LOCAL_REQUIRED
+        if request.prompt_tokens <= self.config.local_prefill_max_prompt_tokens:
+            return REASON_SHORT_PROMPT
+        if not pools.prefill:
+            return REASON_PREFILL_SATURATED if pools.saturated else REASON_NO_PREFILL
+        return ""
+
+    def _no_decode_error(self, request: RouteRequest, pools: _Pools) -> RouteError:
+        model = request.model
+        if not pools.decoders_seen:
+            extra = f" ({pools.prefillers_seen} prefill workers, none decodes)" if pools.prefillers_seen else ""
+            return NoWorker(model, f"no worker serves model {model!r}{extra}")
+        tally = ", ".join(f"{n} {why}" for why, n in sorted((pools.full + pools.unroutable).items()))
+        if pools.full:
+            hint = self.config.retry_after_s
+            return NoCapacity(
+                model,
+                f"every decode worker for model {model!r} is busy ({tally}); retry after {hint:g}s",
+                retry_after_s=hint,
+            )
+        return NoWorker(model, f"no routable decode worker for model {model!r} ({tally})")
+
+    def stale_penalty_s(self, c: Candidate, now: float) -> float:
+        age = c.load_age(now)
+        if age is None or age > self.config.stale_load_s:
+            return self.config.stale_load_penalty_s
+        return 0.0
+
+    def prefill_cost_s(self, c: Candidate, request: RouteRequest, shape: ModelShape) -> float:
+        return self.cost.prefill_queue_s(c, shape) + self.cost.prefill_s(c, request.prompt_tokens, shape)
+
+    def decode_cost_s(self, c: Candidate, request: RouteRequest, shape: ModelShape) -> float:
+        itl = self.cost.inter_token_s(c, shape, request.prompt_tokens, request.max_tokens)
+        return self.cost.prefill_queue_s(c, shape) + request.max_tokens * itl
+
+    def estimate(
+        self, prefill: Candidate | None, decode: Candidate, request: RouteRequest, shape: ModelShape
+    ) -> Estimates:
+        """The cost model's view of a pair, whatever policy chose it (for logs and metrics)."""
+        cost = self.cost
+        itl = cost.inter_token_s(decode, shape, request.prompt_tokens, request.max_tokens)
+        on = prefill if prefill is not None else decode
+        transfer = 0.0
+        if prefill is not None:
+            transfer = cost.kv_transfer_s(request.prompt_tokens, shape, _same_host(prefill, decode))
+        return Estimates(
+            prefill_queue_s=cost.prefill_queue_s(on, shape),
+            prefill_s=cost.prefill_s(on, request.prompt_tokens, shape),
+            kv_transfer_s=transfer,
+            decode_queue_s=0.0 if prefill is None else cost.prefill_queue_s(decode, shape),
+            inter_token_s=itl,
+            decode_s=request.max_tokens * itl,
+            prefix_hit_tokens=cost.prefix_hit_tokens(on, request.prompt_tokens),
+        )
+
+
+def _same_host(a: Candidate, b: Candidate) -> bool:
+    return bool(a.host) and a.host == b.host
+
+
+class ExpectedTimePolicy(Policy):
+    """Least expected completion time, GPU-type aware (see router_svc.costmodel)."""
+
+    name = "expected-time"
+
+    def pick_decode(
+        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
+    ) -> Candidate:
+        def score(c: Candidate) -> float:
+            s = self.decode_cost_s(c, request, shape) + self.stale_penalty_s(c, now)
+            if local:
+                s += self.cost.prefill_s(c, request.prompt_tokens, shape)
+            return s
+
+        return min(pool, key=score)
+
+    def pick_prefill(
+        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
+    ) -> Candidate:
+        def score(p: Candidate) -> float:
+            transfer = self.cost.kv_transfer_s(request.prompt_tokens, shape, _same_host(p, decode))
+            return self.prefill_cost_s(p, request, shape) + transfer + self.stale_penalty_s(p, now)
+
+        return min(pool, key=score)
+
+
+def _utilisation(c: Candidate) -> float:
+    load = c.load
+    if load is None:
+        return 0.0
+    kv = load.kv_blocks_used / c.blocks_total if c.blocks_total else 0.0
+    batch = load.active_sequences / c.batch_limit if c.batch_limit else 0.0
+    return max(kv, batch)
+
+
+class LeastLoadedPolicy(Policy):
+    """Fewest queued prompt tokens (prefill) and lowest KV/batch utilisation (decode); blind to GPU type."""
+
+    name = "least-loaded"
+
+    def pick_decode(
+        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
+    ) -> Candidate:
+        return min(pool, key=lambda c: (_utilisation(c), c.load.active_sequences if c.load else 0))
+
+    def pick_prefill(
+        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
+    ) -> Candidate:
+        return min(pool, key=lambda c: (c.load.queued_prefill_tokens, c.load.active_requests) if c.load else (0, 0))
+
+
+class RoundRobinPolicy(Policy):
+    """Each model's eligible workers in worker_id order, in turn. Deterministic; not for concurrent use."""
+
+    name = "round-robin"
+
+    def __init__(
+        self,
+        *,
+        cost: CostModel | None = None,
+        config: PolicyConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(cost=cost, config=config, rng=rng)
+        self.turns: Counter[tuple[str, str]] = Counter()
+
+    def _next(self, pool: Sequence[Candidate], key: tuple[str, str]) -> Candidate:
+        turn = self.turns[key]
+        self.turns[key] = turn + 1
+        return pool[turn % len(pool)]
+
+    def pick_decode(
+        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
+    ) -> Candidate:
+        return self._next(pool, (request.model, "decode"))
+
+    def pick_prefill(
+        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
+    ) -> Candidate:
+        return self._next(pool, (request.model, "prefill"))
+
+
+class RandomPolicy(Policy):
+    """Uniform choice with the injected rng (seed it for reproducible runs)."""
+
+    name = "random"
+
+    def pick_decode(
+        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
+    ) -> Candidate:
+        return self.rng.choice(pool)
+
+    def pick_prefill(
+        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
+    ) -> Candidate:
+        return self.rng.choice(pool)
+
+
+_POLICIES: dict[str, Callable[..., Policy]] = {
+    cls.name: cls for cls in (ExpectedTimePolicy, LeastLoadedPolicy, RoundRobinPolicy, RandomPolicy)
+}
+DEFAULT_POLICY = ExpectedTimePolicy.name
+
+
+def register_policy(name: str, factory: Callable[..., Policy]) -> None:
+    """Make a policy selectable by `name` (plugins, experiments)."""
+    _POLICIES[name] = factory
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def create_policy(
+    name: str = DEFAULT_POLICY,
+    *,
+    cost: CostModel | None = None,
+    config: PolicyConfig | None = None,
+    rng: random.Random | None = None,
+) -> Policy:
+    """A new policy of the registered kind `name`; ValueError names the known ones."""
+    try:
+        factory = _POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}") from None
+    return factory(cost=cost, config=config, rng=rng)
+
+
+def choose(request: RouteRequest, view: FleetView, now: float, *, policy: Policy | str = DEFAULT_POLICY) -> Decision:
+    """One decision. Pass a Policy object (not a name) to keep round-robin's turn across calls."""
+    chosen = create_policy(policy) if isinstance(policy, str) else policy
+    return chosen.choose(request, view, now)

@@ -1,0 +1,153 @@
+"""The public Inference service: validate, tokenize, run the pipeline, stream text back.
+
+Thin: validation is router_svc.validation, routing router_svc.policy via
+router_svc.pipeline, text engine.detokenizer. Every response
+carries the request id; the last one carries finish reason, usage, timings
+and the route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from controlplane.keys import Kind
+from controlplane.runtime.logs import request_scope
+from engine.base import FinishReason
+from engine.detokenizer import Detokenizer
+from engine.serving.convert import finish_reason_to_proto
+from router_svc.client_errors import retry_hint_metadata
+from router_svc.live_view import LiveView
+from router_svc.metrics import RouterMetrics
+from router_svc.models import ModelCatalog, TokenizerUnavailable
+from router_svc.pipeline import Job, Outcome, Pipeline, RouteFailure
+from router_svc.validation import RequestError, ValidRequest, check_prompt, validate_generate
+from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+
+log = logging.getLogger(__name__)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, view: LiveView, pipeline: Pipeline, catalog: ModelCatalog, metrics: RouterMetrics) -> None:
+        self.view = view
+        self.pipeline = pipeline
+        self.catalog = catalog
+        self.metrics = metrics
+
+    def _specs(self) -> dict[str, registry_pb2.ModelSpec]:
+        return {name: entry.record for name, entry in self.view.registry.entries(Kind.MODEL).items()}
+
+    def _prepare(self, request: inference_pb2.GenerateRequest,
+                 context: grpc.aio.ServicerContext) -> tuple[ValidRequest, Job, Detokenizer]:
+        fleet = self.view.fleet()
+        specs = self._specs()
+        limits = self.catalog.limits(fleet, specs)
+        valid = validate_generate(request, limits)
+        worker = next((self.view.worker_record(c.worker_id) for c in fleet.candidates(valid.model.name)), None)
+        try:
+            tokenizer = self.catalog.tokenizer(valid.model.name, specs.get(valid.model.name), worker)
+        except TokenizerUnavailable as exc:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        if valid.model.vocab_size == 0:
+            # The tokenizer just loaded: validate again so token ids are range-checked.
+            valid = validate_generate(request, self.catalog.limits(fleet, specs))
+        ids = valid.prompt_token_ids if valid.prompt_token_ids is not None else tokenizer.encode(valid.prompt or "")
+        valid = check_prompt(valid, ids)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        assert valid.prompt_token_ids is not None
+        job = Job(valid.request_id, valid.model.name, valid.prompt_token_ids, valid.sampling, deadline)
+        return valid, job, Detokenizer(tokenizer, stop=valid.sampling.stop, context_ids=valid.prompt_token_ids)
+
+    async def _stream(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        started = time.monotonic()
+        status = "ok"
+        try:
+            _, job, detok = self._prepare(request, context)
+        except RequestError as exc:
+            self.metrics.requests.labels(status=exc.code.name).inc()
+            await context.abort(exc.code, exc.message)
+        with request_scope(job.request_id):
+            sent = 0
+            steps = self.pipeline.run(job)
+            try:
+                async with contextlib.aclosing(steps):
+                    async for item in steps:
+                        if isinstance(item, Outcome):
+                            yield self._last(job, detok, item, sent)
+                            self.metrics.observe(item)
+                            break
+                        delta = detok.feed(item)
+                        token_ids = item[:delta.consumed] if delta.stopped else item
+                        sent += len(token_ids)
+                        yield inference_pb2.GenerateResponse(request_id=job.request_id, text=delta.text,
+                                                             token_ids=token_ids)
+                        if delta.stopped:
+                            # The engine stops on the same token; there is nothing left to wait for.
+                            yield self._last(job, detok, Outcome(finish_reason=FinishReason.STOP_STRING), sent)
+                            break
+            except RouteFailure as exc:
+                status = exc.code.name
+                log.warning("request failed: %s", exc.message, extra={"code": exc.code.name})
+                if exc.retry_after_s:
+                    context.set_trailing_metadata(retry_hint_metadata(exc.retry_after_s))
+                await context.abort(exc.code, exc.message)
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            finally:
+                self.metrics.requests.labels(status=status).inc()
+                self.metrics.e2e.observe(time.monotonic() - started)
+
+    def _last(self, job: Job, detok: Detokenizer, outcome: Outcome, sent: int) -> inference_pb2.GenerateResponse:
+        tail = detok.finish()
+        return inference_pb2.GenerateResponse(
+            request_id=job.request_id,
+            text=tail.text,
+            finish_reason=finish_reason_to_proto(outcome.finish_reason),
+            usage=common_pb2.Usage(prompt_tokens=len(job.prompt), completion_tokens=sent,
+                                   cached_prompt_tokens=outcome.cached_prompt_tokens),
+            timings=common_pb2.Timings(
+                queue_ms=outcome.queue_ms, prefill_ms=outcome.prefill_ms, kv_transfer_ms=outcome.kv_transfer_ms,
+                ttft_ms=outcome.ttft_ms, mean_inter_token_ms=outcome.mean_inter_token_ms,
+                e2e_ms=outcome.e2e_ms, decode_ms=outcome.decode_ms),
+            route=inference_pb2.RouteInfo(
+                prefill_worker_id=outcome.prefill_worker_id, decode_worker_id=outcome.decode_worker_id,
+                local_prefill=outcome.local_prefill, reason=outcome.reason, migrations=outcome.migrations,
+                retries=outcome.retries),
+        )
+
+    async def Generate(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async for response in self._stream(request, context):
+            yield response
+
+    async def Complete(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> inference_pb2.CompleteResponse:
+        text: list[str] = []
+        token_ids: list[int] = []
+        last = inference_pb2.GenerateResponse()
+        async for response in self._stream(request, context):
+            text.append(response.text)
+            token_ids.extend(response.token_ids)
+            last = response
+        return inference_pb2.CompleteResponse(
+            request_id=last.request_id, text="".join(text), token_ids=token_ids, finish_reason=last.finish_reason,
+            usage=last.usage, timings=last.timings, route=last.route)
+
+    async def ListModels(self, request: inference_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
+        fleet = self.view.fleet()
+        response = inference_pb2.ListModelsResponse()
+        for name, limits in sorted(self.catalog.limits(fleet, self._specs()).items()):
+            prefill, decode = fleet.routable_counts(name)
+            response.models.append(inference_pb2.ModelInfo(
+                name=name, max_context_tokens=limits.max_context_tokens, max_output_tokens=limits.max_output_tokens,
+                prefill_workers=prefill, decode_workers=decode))
+        return response

@@ -1,0 +1,193 @@
+"""GenerateRequest -> a validated request, or an error with the gRPC status to answer. Pure.
+
+Two steps, because the prompt's length in tokens is known only after
+tokenizing, which the servicer does in between:
+
+    valid = validate_generate(request, models)      # before tokenizing
+    valid = check_prompt(valid, token_ids)          # after tokenizing (or as given)
+
+Both raise `RequestError(code, message)`; the servicer answers
+`context.abort(err.code, err.message)`. Messages name the field and its
+allowed range ("max_tokens must be 1..8192, got 0"). Only grpc's StatusCode
+enum is used here: no channels, no servers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from engine.base import InvalidRequest, Sampling
+from tandem.v1 import inference_pb2
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+class RequestError(Exception):
+    """The request cannot be served as given: answer `code` with `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the router knows of a servable model (from its ModelSpec and tokenizer)."""
+
+    name: str
+    # Prompt plus output, in tokens.
+    max_context_tokens: int
+    max_output_tokens: int
+    # max_tokens when the request leaves it unset (capped by max_output_tokens).
+    default_max_tokens: int = 256
+    # 0: unknown (token ids are then not range-checked).
+    vocab_size: int = 0
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    request_id: str
+    model: ModelLimits
+    # Exactly one of the two is set; check_prompt fills prompt_token_ids.
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...] | None
+    sampling: Sampling
+    # False: max_tokens is the model's default and may be shortened to fit
+    # the context; True: the client asked for it and gets an error instead.
+    max_tokens_explicit: bool
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_request_id(request_id: str) -> bool:
+    """1..128 printable ASCII characters (space to tilde)."""
+    return 0 < len(request_id) <= MAX_REQUEST_ID_CHARS and all(" " <= ch <= "~" for ch in request_id)
+
+
+def _f32(value: float) -> float:
+    # Proto floats are float32: show 0.9 as 0.9, not 0.8999999761581421.
+    return float(f"{value:.7g}")
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _known(models: Mapping[str, ModelLimits]) -> str:
+    return f"known: {', '.join(sorted(models))}" if models else "no models are configured"
+
+
+def validate_generate(
+    request: inference_pb2.GenerateRequest,
+    models: Mapping[str, ModelLimits],
+    *,
+    new_request_id: Callable[[], str] = _new_request_id,
+) -> ValidRequest:
+    """Checks everything that does not need the tokenizer. Pure; may run concurrently.
+
+    The request id is the client's when valid (1..128 printable ASCII),
+    otherwise a new one from `new_request_id`.
+    """
+    if not request.model:
+        raise _invalid(f"model is required ({_known(models)})")
+    limits = models.get(request.model)
+    if limits is None:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; {_known(models)}")
+
+    has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
+    if has_text and has_ids:
+        raise _invalid("set exactly one of prompt and prompt_token_ids, not both")
+    if not (has_text or has_ids):
+        raise _invalid("prompt is empty")
+    token_ids = tuple(request.prompt_token_ids) if has_ids else None
+    if token_ids is not None:
+        _check_ids("prompt_token_ids", token_ids, limits)
+
+    sampling, explicit = _sampling(request.sampling if request.HasField("sampling") else None, limits)
+    request_id = request.request_id if valid_request_id(request.request_id) else new_request_id()
+    return ValidRequest(
+        request_id=request_id,
+        model=limits,
+        prompt=request.prompt if has_text else None,
+        prompt_token_ids=token_ids,
+        sampling=sampling,
+        max_tokens_explicit=explicit,
+    )
+
+
+def _check_ids(field: str, ids: Sequence[int], limits: ModelLimits) -> None:
+    if not limits.vocab_size:
+        return
+    for i, token_id in enumerate(ids):
+        if token_id >= limits.vocab_size:
+            raise _invalid(
+                f"{field}[{i}] is {token_id}; model {limits.name!r} has token ids 0..{limits.vocab_size - 1}"
+            )
+
+
+def _sampling(params: Any, limits: ModelLimits) -> tuple[Sampling, bool]:
+    values: dict[str, Any] = {}
+    explicit = params is not None and params.HasField("max_tokens")
+    values["max_tokens"] = params.max_tokens if explicit else min(limits.default_max_tokens, limits.max_output_tokens)
+    if params is not None:
+        for name in ("temperature", "top_p"):
+            if params.HasField(name):
+                values[name] = _f32(getattr(params, name))
+        if params.HasField("top_k"):
+            values["top_k"] = params.top_k
+        if params.HasField("seed"):
+            values["seed"] = params.seed
+        stops = tuple(params.stop)
+        if len(stops) > MAX_STOP_STRINGS:
+            raise _invalid(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+        for i, stop in enumerate(stops):
+            if len(stop) > MAX_STOP_CHARS:
+                raise _invalid(f"stop[{i}] must be 1..{MAX_STOP_CHARS} characters, got {len(stop)}")
+        stop_ids = tuple(params.stop_token_ids)
+        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+            raise _invalid(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(stop_ids)}")
+        _check_ids("stop_token_ids", stop_ids, limits)
+        values.update(stop=stops, stop_token_ids=stop_ids, ignore_eos=params.ignore_eos)
+    try:
+        return Sampling.create(max_output_tokens=limits.max_output_tokens, **values), explicit
+    except InvalidRequest as exc:
+        raise _invalid(str(exc)) from None
+
+
+def check_prompt(valid: ValidRequest, token_ids: Sequence[int]) -> ValidRequest:
+    """The request with its prompt as ids, fitted to the model's context. Pure.
+
+    An unset max_tokens shrinks to what the context leaves (at least 1); a
+    client's explicit max_tokens that does not fit is an error, as is a
+    prompt that fills the context on its own.
+    """
+    ids = tuple(token_ids)
+    limits = valid.model
+    if not ids:
+        raise _invalid("prompt is empty (it has no tokens)")
+    _check_ids("prompt_token_ids", ids, limits)
+    sampling = valid.sampling
+    room = limits.max_context_tokens - len(ids)
+    if room < sampling.max_tokens:
+        if valid.max_tokens_explicit or room < 1:
+            raise _invalid(
+                f"prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}; model {limits.name!r} "
+                f"takes at most {limits.max_context_tokens} tokens (including max_tokens)"
+            )
+        sampling = dataclasses.replace(sampling, max_tokens=room)
+    return dataclasses.replace(valid, prompt_token_ids=ids, sampling=sampling)
