@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow test-all protos lint bench clean
+.PHONY: venv up test test-slow test-all protos lint bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev,torch]'
 	touch $(STAMP)
+
+# A whole local factory: etcd, agent, control plane, 1 prefill + 1 decode worker
+# (torch engine, tiny model, CPU) and a router. Ctrl-C stops it all.
+# UP_ARGS="--engine sim --fleet H100-SXM:2,A100-80GB:4" for a simulated mixed fleet.
+UP_ARGS ?=
+up: $(STAMP)
+	$(VENV)/bin/tandemctl up $(UP_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -309,6 +309,7 @@ async def run_agent(settings: AgentSettings) -> None:
                                        "simulated": record.simulated, "registered": registered, "pid": os.getpid()}
             if metrics is not None:
                 info["metrics_endpoint"] = f"{metrics.host}:{metrics.port}"
+                info["metrics_port"] = metrics.port
             announce_ready(settings.ready_file, **info)
 
         await agent.run(stop, on_first)

@@ -39,7 +39,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         with request_scope(request_id):
-            async with rpc_errors(context):
+            async with rpc_errors(context, lambda status: self.ctx.metrics.requests.labels("Decode", status).inc()):
                 engine = self.ctx.engine
                 check_model(engine.model_name, request.model)
                 sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
@@ -63,6 +63,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                         engine.layout.check_compatible(layout_from_proto(request.handle.layout))
                         blob = await fetch_kv(request.handle, channel_factory=self.channels.get)
                     transfer_ms = (time.perf_counter() - started) * 1000
+                    if blob is not None:
+                        transport = request.handle.transport or "grpc"
+                        self.ctx.metrics.kv_transfer_seconds.labels(transport).observe(transfer_ms / 1000)
+                        self.ctx.metrics.kv_transfer_bytes.labels(transport).inc(blob.nbytes)
                     decode = engine.decode(DecodeRequest(
                         request_id=request_id, prompt=prompt, sampling=sampling, kv=blob,
                         first_token=request.first_token_id if has_handle else None, generated=generated))
@@ -71,6 +75,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                     async with contextlib.aclosing(decode) as steps:
                         async for step in steps:
                             produced += len(step.token_ids)
+                            self.ctx.metrics.generated_tokens.inc(len(step.token_ids))
                             response = worker_pb2.DecodeResponse(
                                 request_id=request_id, token_ids=step.token_ids,
                                 finish_reason=finish_reason_to_proto(step.finish_reason))

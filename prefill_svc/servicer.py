@@ -36,7 +36,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         request_id = request.request_id or uuid.uuid4().hex
         arrived = time.perf_counter()
         with request_scope(request_id):
-            async with rpc_errors(context):
+            async with rpc_errors(context, lambda status: self.ctx.metrics.requests.labels("Prefill", status).inc()):
                 engine = self.ctx.engine
                 check_model(engine.model_name, request.model)
                 sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
@@ -44,6 +44,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                                       max_context_tokens=engine.max_context_tokens, max_tokens=sampling.max_tokens)
                 with self.ctx.admission.admit():
                     result = await engine.prefill(PrefillRequest(request_id, prompt, sampling))
+                    self.ctx.metrics.prefill_seconds.observe(result.prefill_s)
                     response = worker_pb2.PrefillResponse(
                         request_id=request_id,
                         first_token_id=result.first_token,
@@ -55,6 +56,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                     if result.kv is not None:
                         handle = await self.exporter.offer(
                             result.kv, transports=list(request.kv_transports), consumer_host=request.consumer_host)
+                        self.ctx.metrics.kv_exported_bytes.labels(handle.transport).inc(handle.nbytes)
                         handle.source_worker_id = self.ctx.worker_id
                         handle.source_endpoint = self._endpoint[0]
                         response.handle.CopyFrom(handle)

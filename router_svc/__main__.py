@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,8 +81,8 @@ async def serve(settings: RouterSettings) -> int:
         await view.registry.wait_synced(timeout=settings.etcd_timeout)
         port = await service.start()
         endpoint = advertised_endpoint(settings.listen, port, settings.advertise_host)
-        announce_ready(settings.ready_file, endpoint=endpoint,
-                       metrics=f"{metrics_endpoint.host}:{metrics_endpoint.port}" if metrics_endpoint else "")
+        announce_ready(settings.ready_file, endpoint=endpoint, pid=os.getpid(),
+                       metrics_port=metrics_endpoint.port if metrics_endpoint else 0)
         log.info("router ready", extra={"endpoint": endpoint, "policy": policy.name})
         await stop.wait()
     finally:

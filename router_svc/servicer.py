@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -61,7 +63,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         assert valid.prompt_token_ids is not None
-        job = Job(valid.request_id, valid.model.name, valid.prompt_token_ids, valid.sampling, deadline)
+        sampling = valid.sampling
+        if not sampling.greedy and sampling.seed is None:
+            # One seed for the whole request: prefill, decode and any migration draw from the same
+            # stream, so a migrated sequence continues exactly as it would have.
+            sampling = dataclasses.replace(sampling, seed=random.getrandbits(63))
+        job = Job(valid.request_id, valid.model.name, valid.prompt_token_ids, sampling, deadline)
         return valid, job, Detokenizer(tokenizer, stop=valid.sampling.stop, context_ids=valid.prompt_token_ids)
 
     async def _stream(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,

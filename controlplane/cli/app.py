@@ -24,9 +24,12 @@ import typer
 from controlplane.cli.client import DEFAULT_ENDPOINT, CliError, Connection
 from controlplane.cli.common import CliState
 
-COMMAND_MODULES = ("controlplane.cli.fleet", "controlplane.cli.intents", "controlplane.cli.models")
-
-
+COMMAND_MODULES = (
+    "controlplane.cli.fleet",
+    "controlplane.cli.intents",
+    "controlplane.cli.models",
+    "controlplane.cli.up",
+)
 
 app = typer.Typer(
     name="tandemctl",

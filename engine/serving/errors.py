@@ -7,9 +7,10 @@ service itself stays up.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -40,15 +41,26 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 @contextlib.asynccontextmanager
-async def rpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Aborts the RPC with the mapped status for known failures; INTERNAL (logged) for bugs."""
+async def rpc_errors(context: grpc.aio.ServicerContext,
+                     count: Callable[[str], None] = lambda status: None) -> AsyncIterator[None]:
+    """Aborts the RPC with the mapped status for known failures; INTERNAL (logged) for bugs.
+
+    `count(status_name)` is called once per RPC: "OK", the mapped status, or
+    "CANCELLED" when the client went away.
+    """
     try:
         yield
     except grpc.aio.AbortError:
+        raise
+    except asyncio.CancelledError:
+        count("CANCELLED")
         raise
     except Exception as exc:
         mapped = status_for(exc)
         if mapped is None:
             log.exception("unexpected failure serving a request")
             mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        count(mapped[0].name)
         await context.abort(*mapped)
+    else:
+        count("OK")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from controlplane.runtime.server import GrpcService, TlsFiles, advertised_endpoi
 from engine.base import Engine, EngineError, create_engine
 from engine.serving.admission import Admission
 from engine.serving.load import LoadReporter, WorkerLoadServicer
+from engine.serving.metrics import WorkerMetrics
 from engine.serving.registration import WorkerRegistration
 from engine.serving.settings import WorkerSettings
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
@@ -50,6 +52,7 @@ class WorkerContext:
     host: str
     engine: Engine
     admission: Admission
+    metrics: WorkerMetrics
 
 
 class WorkerRole(abc.ABC):
@@ -103,7 +106,8 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
         if settings.tls_cert and settings.tls_key else None
     service = GrpcService(settings.listen, service_names=[*role.service_names, "tandem.v1.Worker"], tls=tls)
     host = settings.advertise_host or socket.gethostname()
-    ctx = WorkerContext(settings, role.role, worker_id, node, host, engine, admission)
+    ctx = WorkerContext(settings, role.role, worker_id, node, host, engine, admission,
+                        WorkerMetrics(role.role_name, worker_id, lambda: _load_snapshot(ctx, role)))
     role.mount(ctx, service.server)
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role))), service.server)
@@ -159,8 +163,8 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
         if not admission.draining:
             await registration.set_state(registry_pb2.WORKER_STATE_READY)
             await service.set_serving(True)
-        announce_ready(settings.ready_file, endpoint=endpoint, worker_id=worker_id,
-                       metrics=record.metrics_endpoint)
+        announce_ready(settings.ready_file, endpoint=endpoint, worker_id=worker_id, pid=os.getpid(),
+                       metrics_port=metrics.port if metrics else 0)
         log.info("worker ready", extra={"worker_id": worker_id, "endpoint": endpoint})
         await stop.wait()
     finally:

@@ -1,0 +1,112 @@
+"""tandemctl up / generate: a local factory in one command, and a prompt streamed from it."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from controlplane.cli import render
+from controlplane.cli.client import AdminClient, CliError, Connection
+from controlplane.localfactory import FactoryOptions, LocalFactory
+from controlplane.supervisor import ProcessStartError
+from tandem.v1 import admin_pb2
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="up")(up)
+    app.command(name="generate")(generate)
+
+
+def up(
+    engine: Annotated[str, typer.Option(help="worker engine: torch (tiny model on CPU) or sim")] = "torch",
+    model: Annotated[str, typer.Option(help="model: 'tiny' or a checkpoint dir (torch), a profile (sim)")] = "",
+    fleet: Annotated[str, typer.Option(help="simulated GPUs for --engine sim, e.g. H100-SXM:2,A100-80GB:4")] = "",
+    prefill: Annotated[int, typer.Option(min=0, help="prefill workers (without --fleet)")] = 1,
+    decode: Annotated[int, typer.Option(min=1, help="decode workers (without --fleet)")] = 1,
+    etcd: Annotated[str, typer.Option(help="use this etcd (host:port[,...]) instead of an embedded one")] = "",
+    router_listen: Annotated[str, typer.Option(help="router (Inference API) address")] = "127.0.0.1:50051",
+    admin_listen: Annotated[str, typer.Option(help="control plane (Admin API) address")] = "127.0.0.1:7070",
+    state_dir: Annotated[Path | None, typer.Option(help="logs, etcd data and up.json (default: a temp dir)")] = None,
+    speedup: Annotated[float, typer.Option(min=0.001, help="sim engine: run simulated time this much faster")] = 1.0,
+    lease_ttl: Annotated[int, typer.Option(min=2, help="registry lease TTL, seconds")] = 5,
+) -> None:
+    """Start a whole factory here: etcd, agent, control plane, workers, router. Ctrl-C stops it all."""
+    console = Console(stderr=True, highlight=False)
+    options = FactoryOptions(engine=engine, model=model, fleet=fleet, prefill=prefill, decode=decode, etcd=etcd,
+                             router_listen=router_listen, admin_listen=admin_listen, state_dir=state_dir,
+                             lease_ttl=lease_ttl, speedup=speedup)
+    try:
+        factory = LocalFactory(options, progress=lambda line: console.print(f"[dim]•[/dim] {line}"))
+    except ValueError as exc:
+        raise CliError(f"tandemctl up: {exc}", 2) from None
+    stop = threading.Event()
+    # SIGTERM as well as Ctrl-C: stop in order, never leave children behind.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        state = factory.start()
+        console.print(f"\nTandem is up ({len(factory.plans)} workers, model [bold]{state.model}[/bold]).")
+        console.print(f"  router (Inference API): {state.router}")
+        console.print(f"  control plane (Admin):  {state.admin}")
+        console.print(f"  etcd:                   {state.etcd}")
+        console.print(f"  logs:                   {state.logs}")
+        console.print(f"  try: tandemctl generate --router {state.router} \"Hello\"")
+        console.print(f"       tandemctl --endpoint {state.admin} status\n")
+        admin = AdminClient(Connection(endpoint=state.admin))
+        try:
+            status = admin.call("FleetStatus", admin_pb2.FleetStatusRequest())
+        finally:
+            admin.close()
+        Console(highlight=False).print(render.fleet_status(status, int(time.time() * 1000)))
+        console.print("\nCtrl-C stops everything.")
+        stop.wait()
+    except ProcessStartError as exc:
+        console.print(f"[red]tandemctl up: a process failed to start[/red]\n{exc}")
+        raise CliError("tandemctl up: start failed; see the log above", 1) from None
+    finally:
+        factory.stop()
+        console.print("stopped.")
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    router: Annotated[str, typer.Option(envvar="TANDEM_ROUTER", help="router host:port")] = "127.0.0.1:50051",
+    model: Annotated[str, typer.Option(help="model (default: the first the router lists)")] = "",
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate at most")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="seed for reproducible sampling")] = None,
+    show_usage: Annotated[bool, typer.Option("--usage/--no-usage", help="print usage and timings")] = True,
+) -> None:
+    """Stream an answer from a router."""
+    from router_svc.client import TandemClient, TandemError
+    from router_svc.client_types import SamplingArgs
+
+    try:
+        with TandemClient(router) as client:
+            chosen = model
+            if not chosen:
+                models = client.list_models()
+                if not models:
+                    raise CliError(f"tandemctl: the router at {router} serves no model yet", 1)
+                chosen = models[0].name
+            sampling: SamplingArgs = {"max_tokens": max_tokens, "temperature": temperature}
+            if seed is not None:
+                sampling["seed"] = seed
+            last = None
+            for chunk in client.generate(prompt, model=chosen, **sampling):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+            sys.stdout.write("\n")
+    except TandemError as exc:
+        raise CliError(f"tandemctl: the router at {router} answered {exc.code.name}: {exc.message}", 1) from None
+    if show_usage and last is not None and last.usage is not None and last.timings is not None:
+        print(f"[{chosen}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens, "
+              f"TTFT {last.timings.ttft_ms:.1f} ms, {last.finish_reason}]", file=sys.stderr)

@@ -1,0 +1,108 @@
+"""Writes tandem-dashboard.json, the Grafana dashboard over Tandem's Prometheus series.
+
+    python deploy/grafana/build_dashboard.py    # after changing a panel here
+
+Import the JSON in Grafana (Dashboards > Import) and pick your Prometheus
+data source for the `datasource` variable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def panel(title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int, w: int = 12, h: int = 8,
+          kind: str = "timeseries") -> dict[str, object]:
+    return {
+        "type": kind,
+        "title": title,
+        "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [{"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(65 + i)}
+                    for i, (expr, legend) in enumerate(exprs)],
+    }
+
+
+def quantiles(metric: str, by: str = "") -> list[tuple[str, str]]:
+    group = f"le{', ' + by if by else ''}"
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[5m])))", f"p{int(q * 100)}")
+            for q in (0.5, 0.9, 0.99)]
+
+
+def row(title: str, y: int) -> dict[str, object]:
+    return {"type": "row", "title": title, "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "collapsed": False}
+
+
+def build() -> dict[str, object]:
+    panels = [
+        row("Requests (routers)", 0),
+        panel("Requests/s by status", [("sum by (status) (rate(tandem_router_requests_total[1m]))", "{{status}}")],
+              "reqps", 0, 1),
+        panel("Tokens/s streamed", [("sum(rate(tandem_router_generated_tokens_total[1m]))", "tokens/s")],
+              "short", 12, 1),
+        panel("Time to first token", quantiles("tandem_router_ttft_seconds"), "s", 0, 9),
+        panel("Inter-token latency", quantiles("tandem_router_inter_token_seconds"), "s", 12, 9),
+        panel("End-to-end", quantiles("tandem_router_request_seconds"), "s", 0, 17),
+        panel("Queue time", quantiles("tandem_router_queue_seconds"), "s", 12, 17),
+        panel("Routing decisions by reason",
+              [("sum by (reason) (rate(tandem_router_decisions_total[5m]))", "{{reason}}")], "ops", 0, 25),
+        panel("Retries and migrations", [("sum(rate(tandem_router_retries_total[5m]))", "retries"),
+                                         ("sum(rate(tandem_router_migrations_total[5m]))", "migrations")],
+              "ops", 12, 25),
+        row("Workers", 33),
+        panel("Active sequences", [("sum by (worker_id) (tandem_worker_active_sequences)", "{{worker_id}}")],
+              "short", 0, 34),
+        panel("Queued prefill tokens",
+              [("sum by (worker_id) (tandem_worker_queued_prefill_tokens)", "{{worker_id}}")], "short", 12, 34),
+        panel("KV cache in use",
+              [("tandem_worker_kv_blocks_used / tandem_worker_kv_blocks_total", "{{worker_id}}")],
+              "percentunit", 0, 42),
+        panel("KV transfer throughput",
+              [("sum by (transport) (rate(tandem_worker_kv_transfer_bytes_total[1m]))", "{{transport}}")],
+              "Bps", 12, 42),
+        panel("KV transfer time", quantiles("tandem_worker_kv_transfer_seconds", "transport"), "s", 0, 50),
+        panel("Open KV handles", [("sum by (worker_id) (tandem_worker_open_kv_handles)", "{{worker_id}}")],
+              "short", 12, 50),
+        row("GPUs (node agents)", 58),
+        panel("GPU utilisation", [("tandem_gpu_utilization_percent", "{{node}}/{{gpu}} {{catalog_id}}")],
+              "percent", 0, 59),
+        panel("GPU memory used",
+              [("tandem_gpu_memory_used_bytes / tandem_gpu_memory_total_bytes", "{{node}}/{{gpu}}")],
+              "percentunit", 12, 59),
+        panel("GPU health (1 ok, 2 degraded, 3 failed)", [("max by (node, gpu) (tandem_gpu_health)",
+                                                          "{{node}}/{{gpu}}")], "short", 0, 67),
+        panel("GPU power", [("tandem_gpu_power_watts", "{{node}}/{{gpu}}")], "watt", 12, 67),
+        row("Control plane", 75),
+        panel("Leader", [("max by (replica) (tandem_controlplane_is_leader)", "{{replica}}")], "short", 0, 76,
+              w=8),
+        panel("Health verdicts/s", [("sum by (status) (rate(tandem_controlplane_verdicts_total[5m]))",
+                                     "{{status}}")], "ops", 8, 76, w=8),
+        panel("Probe latency", quantiles("tandem_controlplane_probe_seconds"), "s", 16, 76, w=8),
+        panel("Registry view staleness", [("max(tandem_controlplane_view_staleness_seconds)", "staleness")],
+              "s", 0, 84),
+    ]
+    for i, p in enumerate(panels):
+        p["id"] = i + 1
+    return {
+        "title": "Tandem",
+        "uid": "tandem-overview",
+        "tags": ["tandem", "inference"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus",
+                                 "label": "Prometheus"}]},
+        "panels": panels,
+    }
+
+
+if __name__ == "__main__":
+    out = Path(__file__).with_name("tandem-dashboard.json")
+    out.write_text(json.dumps(build(), indent=2) + "\n")
+    print(f"wrote {out}")

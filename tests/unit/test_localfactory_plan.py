@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from controlplane.localfactory import plan_workers
+
+
+def test_cpu_factory_is_prefill_plus_decode_without_gpus() -> None:
+    plans = plan_workers("torch", "", prefill=1, decode=2, node="n")
+    assert [(p.name, p.role, p.gpu_type) for p in plans] == [
+        ("prefill-0", "prefill", ""), ("decode-0", "decode", ""), ("decode-1", "decode", "")]
+
+
+def test_compute_rich_gpus_prefill_and_bandwidth_rich_gpus_decode() -> None:
+    # H100-SXM: 989 TFLOP/s over 3.35 TB/s; A100-80GB: 312 over 2.04; L40S: 362 over 0.864 (most compute-bound).
+    plans = plan_workers("sim", "H100-SXM:2,A100-80GB:3,L40S:1", prefill=0, decode=0, node="n")
+    roles = {p.gpu_uuid: (p.gpu_type, p.role) for p in plans}
+    assert len(plans) == 6
+    prefill = sorted(t for t, r in roles.values() if r == "prefill")
+    assert prefill == ["H100-SXM", "L40S"], "a third of the GPUs, the most compute-intensive ones, prefill"
+    assert all(p.gpu_uuid.startswith("SIM-n-") for p in plans)
+    assert len({p.name for p in plans}) == 6
+
+
+def test_one_gpu_fleet_still_decodes() -> None:
+    plans = plan_workers("sim", "H200:1", prefill=0, decode=0, node="n")
+    assert [p.role for p in plans] == ["decode"]
+
+
+def test_bad_plans_are_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="needs --engine sim"):
+        plan_workers("torch", "H100-SXM:1", prefill=0, decode=0, node="n")
+    with pytest.raises(ValueError, match="at least one decode worker"):
+        plan_workers("torch", "", prefill=1, decode=0, node="n")
+    with pytest.raises(ValueError, match="RTX-9090"):
+        plan_workers("sim", "RTX-9090:1", prefill=0, decode=0, node="n")
