@@ -2,8 +2,10 @@
 
 Thin over the client and the session: key paths come from controlplane.keys,
 values from controlplane.records. Lease-bound writes (nodes, workers, GPU
-claims, verdicts) go through a LeaseSession so they come back after a lost
-lease; intents and model specs persist without a lease.
+claims) go through a LeaseSession so they come back after a lost lease;
+intents and model specs persist without a lease. Health verdicts are the
+control-plane leader's (controlplane.prober): bound to its lease but never
+rewritten by a recovered session, so an ex-leader cannot overwrite them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 from controlplane.etcd_client import EtcdClient
 from controlplane.keys import Keys, Kind, check_name
-from controlplane.records import Entry, RecordError, encode, from_kv, parse
+from controlplane.records import SCHEMA_VERSION, Entry, RecordError, encode, from_kv, parse
 from controlplane.session import ClaimConflict, LeaseSession
 from tandem.v1 import common_pb2, registry_pb2
 
@@ -76,14 +78,11 @@ class Registry:
                 holders[ref.name if ref else key] = holder
             raise GpuAlreadyClaimed(holders) from None
 
-    async def write_verdict(self, session: LeaseSession, verdict: registry_pb2.HealthVerdict) -> bool:
-        return await session.put(self.keys.health(verdict.worker_id), encode(verdict))
-
     # -- persistent intents -----------------------------------------------------
 
     async def set_drain(self, worker_id: str, requested_by: str, reason: str) -> registry_pb2.DrainIntent:
-        intent = registry_pb2.DrainIntent(worker_id=check_name(worker_id, "worker_id"), requested_by=requested_by,
-                                          requested_at_unix_ms=now_ms(), reason=reason)
+        intent = registry_pb2.DrainIntent(schema_version=SCHEMA_VERSION, worker_id=check_name(worker_id, "worker_id"),
+                                          requested_by=requested_by, requested_at_unix_ms=now_ms(), reason=reason)
         await self.client.put(self.keys.drain(worker_id), encode(intent))
         return intent
 
@@ -91,8 +90,8 @@ class Registry:
         return await self.client.delete(self.keys.drain(check_name(worker_id, "worker_id")))
 
     async def set_cordon(self, node: str, requested_by: str, reason: str) -> registry_pb2.CordonIntent:
-        intent = registry_pb2.CordonIntent(node=check_name(node, "node"), requested_by=requested_by,
-                                           requested_at_unix_ms=now_ms(), reason=reason)
+        intent = registry_pb2.CordonIntent(schema_version=SCHEMA_VERSION, node=check_name(node, "node"),
+                                           requested_by=requested_by, requested_at_unix_ms=now_ms(), reason=reason)
         await self.client.put(self.keys.cordon(node), encode(intent))
         return intent
 

@@ -28,6 +28,8 @@ from controlplane.records import Entry, from_kv
 
 log = logging.getLogger(__name__)
 
+_MIN_BACKOFF = 0.1
+
 
 @dataclass(frozen=True)
 class Change:
@@ -54,6 +56,7 @@ class RegistryView:
         self._entries: dict[Kind, dict[str, Entry]] = {kind: {} for kind in Kind}
         self._subscribers: list[asyncio.Queue[Change]] = []
         self._last_contact = 0.0
+        self._backoff = _MIN_BACKOFF
         self._probe_ok = False
         self._closed = False
         self._runner: asyncio.Task[None] | None = None
@@ -148,7 +151,6 @@ class RegistryView:
     # -- background -------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = 0.1
         while not self._closed:
             self._watcher = asyncio.create_task(self._list_and_watch())
             try:
@@ -159,15 +161,17 @@ class RegistryView:
                 # The prober cancelled a watch that may have died silently.
             except WatchCompacted as exc:
                 log.info("registry watch compacted; re-listing", extra={"error": str(exc)})
-                backoff = 0.1
             except EtcdUnavailable as exc:
-                log.warning("registry watch lost; serving the last view", extra={"error": str(exc)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                # Once per outage at WARNING; the retries while etcd stays away are DEBUG.
+                log.log(logging.WARNING if self._backoff == _MIN_BACKOFF else logging.DEBUG,
+                        "registry watch lost; serving the last view", extra={"error": str(exc)})
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 1.0)
 
     async def _list_and_watch(self) -> None:
         revision, kvs = await self.client.get_prefix(self.prefix)
         self._touch()
+        self._backoff = _MIN_BACKOFF
         if self.synced.is_set():
             self.resyncs += 1
         fresh: dict[Kind, dict[str, Entry]] = {kind: {} for kind in Kind}

@@ -1,0 +1,220 @@
+"""`tandem-controlplane`: one control-plane replica (Admin API; the leader probes worker health).
+
+    python -m controlplane.server --etcd 127.0.0.1:2379 --listen 0.0.0.0:7070
+
+Any number of replicas may run; all serve the Admin API from their own
+registry view, and the one elected leader (controlplane.election) runs the
+health prober. Lifecycle: come up even while etcd is down (reads answer
+once the view loads, leadership once a lease is granted); on SIGTERM or
+SIGINT: health NOT_SERVING, stop probing, resign and revoke the lease (so
+leadership passes at once), then stop the gRPC server with a grace period.
+docs/controlplane.md lists the settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from controlplane.admin import AdminServicer
+from controlplane.auth import BearerTokenInterceptor, load_token
+from controlplane.election import Election
+from controlplane.etcd_client import EtcdClient
+from controlplane.health_policy import MAX_THRESHOLD, Thresholds
+from controlplane.prober import Prober
+from controlplane.registry import Registry
+from controlplane.runtime.config import ConfigError, load_config
+from controlplane.runtime.logs import configure_logging
+from controlplane.runtime.metrics import MetricsEndpoint
+from controlplane.runtime.server import (
+    GrpcService,
+    TlsFiles,
+    advertised_endpoint,
+    announce_ready,
+    install_stop_signals,
+)
+from controlplane.runtime.settings import CommonSettings
+from controlplane.session import LeaseSession
+from controlplane.view import RegistryView
+from tandem.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger("controlplane.server")  # not "__main__" under python -m
+
+PROG = "tandem-controlplane"
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class ControlPlaneSettings(CommonSettings):
+    listen: str = field(default="0.0.0.0:7070", metadata={"help": "Admin gRPC listen address HOST:PORT (port 0: any)"})
+    advertise_host: str = field(default="", metadata={
+        "help": "host other processes use to reach this replica (default: the listen host, 127.0.0.1 for 0.0.0.0)"})
+    replica_id: str = field(default="", metadata={"help": "name of this replica (default HOSTNAME-PID)"})
+    probe_interval: float = field(default=2.0, metadata={"help": "seconds between health probe rounds (leader)"})
+    probe_timeout: float = field(default=1.0, metadata={"help": "deadline of one health probe, seconds"})
+    probe_concurrency: int = field(default=64, metadata={"help": "health probes in flight at once"})
+    failure_threshold: int = field(default=3, metadata={
+        "help": "consecutive failed probes that make a worker NOT_SERVING"})
+    success_threshold: int = field(default=2, metadata={
+        "help": "consecutive good probes that make a NOT_SERVING worker SERVING again"})
+    admin_token: str = field(default="", repr=False, metadata={
+        "help": "bearer token required for Admin mutations (empty: none required)"})
+    admin_token_file: Path | None = field(default=None, metadata={"help": "file holding the admin token"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate of the Admin gRPC server"})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of the Admin gRPC server"})
+    tls_client_ca: Path | None = field(default=None, metadata={
+        "help": "PEM CA bundle; when set, clients must present a certificate it signed"})
+
+    def __post_init__(self) -> None:
+        self.replica_id = self.replica_id or _default_replica_id()
+
+    def validate(self) -> None:
+        """ConfigError naming the first bad setting."""
+        def bad(name: str, allowed: str, value: object) -> ConfigError:
+            return ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+        if not 0.05 <= self.probe_interval <= 3600:
+            raise bad("probe_interval", "0.05..3600 seconds", self.probe_interval)
+        if not 0.05 <= self.probe_timeout <= 60:
+            raise bad("probe_timeout", "0.05..60 seconds", self.probe_timeout)
+        if not 1 <= self.probe_concurrency <= 4096:
+            raise bad("probe_concurrency", "1..4096", self.probe_concurrency)
+        for name in ("failure_threshold", "success_threshold"):
+            if not 1 <= getattr(self, name) <= MAX_THRESHOLD:
+                raise bad(name, f"1..{MAX_THRESHOLD}", getattr(self, name))
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise bad("log_level", "one of debug, info, warning, error", self.log_level)
+        if self.log_format not in ("json", "text"):
+            raise bad("log_format", "json or text", self.log_format)
+        if not 2 <= self.lease_ttl <= 3600:
+            raise bad("lease_ttl", "2..3600 seconds", self.lease_ttl)
+        if not self.replica_id.isprintable() or not 0 < len(self.replica_id) <= 128:
+            raise bad("replica_id", "1..128 printable characters", self.replica_id)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "admin_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name}: no such file {path}")
+        try:
+            self.token()
+            self.etcd_settings()
+            self.keys()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def token(self) -> str:
+        return load_token(self.admin_token, self.admin_token_file)
+
+    def tls(self) -> TlsFiles | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
+
+
+class ControlPlaneMetrics:
+    """The replica's Prometheus series, in a registry of its own (several replicas may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.is_leader = Gauge("tandem_controlplane_is_leader", "1 while this replica leads", registry=self.registry)
+        self.verdicts = Counter("tandem_controlplane_verdicts", "health verdicts written, by status",
+                                ["status"], registry=self.registry)
+        self.probe_seconds = Histogram(
+            "tandem_controlplane_probe_seconds", "duration of one grpc.health.v1 probe", registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self.view_staleness = Gauge("tandem_controlplane_view_staleness_seconds",
+                                    "seconds since the registry view last heard from etcd", registry=self.registry)
+
+
+async def serve(settings: ControlPlaneSettings) -> None:
+    """Runs one replica until SIGTERM/SIGINT."""
+    keys = settings.keys()
+    client = await EtcdClient(settings.etcd_settings()).connect()
+    session = LeaseSession(client, ttl=settings.lease_ttl, name=settings.replica_id)
+    view = RegistryView(client, keys, probe_interval=min(1.0, settings.lease_ttl / 3))
+    metrics = ControlPlaneMetrics()
+    token = settings.token()
+    service = GrpcService(settings.listen, service_names=[ADMIN_SERVICE], tls=settings.tls(),
+                          interceptors=[BearerTokenInterceptor(token)] if token else [])
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(view, Registry(client, keys), replica_id=settings.replica_id), service.server)
+    endpoint_server: MetricsEndpoint | None = None
+    election: Election | None = None
+    prober: Prober | None = None
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    try:
+        session.start()
+        view.start()
+        port = await service.start(serving=True)
+        endpoint = advertised_endpoint(settings.listen, port, settings.advertise_host)
+        election = Election(client, keys, session, view, replica_id=settings.replica_id, endpoint=endpoint,
+                            on_change=lambda leading: metrics.is_leader.set(1 if leading else 0))
+        prober = Prober(client, keys, view, election, replica_id=settings.replica_id,
+                        interval=settings.probe_interval, timeout=settings.probe_timeout,
+                        thresholds=Thresholds(settings.failure_threshold, settings.success_threshold),
+                        concurrency=settings.probe_concurrency, on_probe=metrics.probe_seconds.observe,
+                        on_verdict=lambda status: metrics.verdicts.labels(status=status).inc())
+        metrics.view_staleness.set_function(lambda: min(view.staleness(), 1e9))
+        if settings.metrics_listen:
+            endpoint_server = MetricsEndpoint(settings.metrics_listen, metrics.registry)
+        election.start()
+        prober.start()
+        # Answer reads from a loaded view when etcd is up; come up regardless when it is not.
+        await view.wait_synced(settings.etcd_timeout * 2)
+        log.info("control plane serving", extra={"replica_id": settings.replica_id, "endpoint": endpoint,
+                                                  "auth": bool(token), "tls": settings.tls() is not None})
+        announce_ready(settings.ready_file, endpoint=endpoint, replica_id=settings.replica_id, pid=os.getpid(),
+                       metrics_port=endpoint_server.port if endpoint_server else 0)
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await service.set_serving(False)
+        if prober is not None:
+            await prober.close()
+        if election is not None:
+            await election.close()
+        await session.close()
+        await service.stop(settings.shutdown_grace)
+        await view.close()
+        await client.close()
+        if endpoint_server is not None:
+            endpoint_server.close()
+        log.info("control plane stopped", extra={"replica_id": settings.replica_id})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        settings = load_config(ControlPlaneSettings, argv, prog=PROG, section="controlplane",
+                               description="Tandem control-plane replica: Admin API, leader election, health prober")
+        settings.validate()
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(PROG, settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:  # the listen address is taken, a TLS file vanished, ...
+        log.error("control plane cannot start", extra={"error": str(exc)})
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
