@@ -26,6 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.runtime import sdnotify
+
 log = logging.getLogger(__name__)
 
 # Large KV chunks and long prompts travel over these servers.
@@ -140,16 +142,18 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 def announce_ready(path: Path | None, **info: object) -> None:
-    """Atomically write `info` as JSON to `path` (a supervisor waits for it).
+    """Atomically write `info` as JSON to `path` (a supervisor waits for it), then tell systemd.
 
     A service started with port 0 reports the port it got this way; the
-    file appears only once the service is serving.
+    file appears only once the service is serving. Under a Type=notify unit
+    ($NOTIFY_SOCKET set) it also sends READY=1 with `info` as STATUS=; a
+    no-op elsewhere. Safe to call twice.
     """
-    if path is None:
-        return
-    import json
-    import os
+    if path is not None:
+        import json
+        import os
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+    sdnotify.notify_ready(sdnotify.status_line(info))
