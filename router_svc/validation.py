@@ -18,17 +18,14 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
 from engine.base import InvalidRequest, Sampling
+from engine.serving.convert import check_token_ids, sampling_from_proto
 from tandem.v1 import inference_pb2
 
 MAX_REQUEST_ID_CHARS = 128
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
 
 
 class RequestError(Exception):
@@ -79,11 +76,6 @@ def valid_request_id(request_id: str) -> bool:
     return 0 < len(request_id) <= MAX_REQUEST_ID_CHARS and all(" " <= ch <= "~" for ch in request_id)
 
 
-def _f32(value: float) -> float:
-    # Proto floats are float32: show 0.9 as 0.9, not 0.8999999761581421.
-    return float(f"{value:.7g}")
-
-
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -118,7 +110,14 @@ def validate_generate(
     if token_ids is not None:
         _check_ids("prompt_token_ids", token_ids, limits)
 
-    sampling, explicit = _sampling(request.sampling if request.HasField("sampling") else None, limits)
+    params = request.sampling if request.HasField("sampling") else None
+    try:
+        sampling = sampling_from_proto(params, max_output_tokens=limits.max_output_tokens,
+                                       default_max_tokens=limits.default_max_tokens, vocab_size=limits.vocab_size,
+                                       model=limits.name)
+    except InvalidRequest as exc:
+        raise _invalid(str(exc)) from None
+    explicit = params is not None and params.HasField("max_tokens")
     request_id = request.request_id if valid_request_id(request.request_id) else new_request_id()
     return ValidRequest(
         request_id=request_id,
@@ -131,40 +130,8 @@ def validate_generate(
 
 
 def _check_ids(field: str, ids: Sequence[int], limits: ModelLimits) -> None:
-    if not limits.vocab_size:
-        return
-    for i, token_id in enumerate(ids):
-        if token_id >= limits.vocab_size:
-            raise _invalid(
-                f"{field}[{i}] is {token_id}; model {limits.name!r} has token ids 0..{limits.vocab_size - 1}"
-            )
-
-
-def _sampling(params: Any, limits: ModelLimits) -> tuple[Sampling, bool]:
-    values: dict[str, Any] = {}
-    explicit = params is not None and params.HasField("max_tokens")
-    values["max_tokens"] = params.max_tokens if explicit else min(limits.default_max_tokens, limits.max_output_tokens)
-    if params is not None:
-        for name in ("temperature", "top_p"):
-            if params.HasField(name):
-                values[name] = _f32(getattr(params, name))
-        if params.HasField("top_k"):
-            values["top_k"] = params.top_k
-        if params.HasField("seed"):
-            values["seed"] = params.seed
-        stops = tuple(params.stop)
-        if len(stops) > MAX_STOP_STRINGS:
-            raise _invalid(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
-        for i, stop in enumerate(stops):
-            if len(stop) > MAX_STOP_CHARS:
-                raise _invalid(f"stop[{i}] must be 1..{MAX_STOP_CHARS} characters, got {len(stop)}")
-        stop_ids = tuple(params.stop_token_ids)
-        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
-            raise _invalid(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(stop_ids)}")
-        _check_ids("stop_token_ids", stop_ids, limits)
-        values.update(stop=stops, stop_token_ids=stop_ids, ignore_eos=params.ignore_eos)
     try:
-        return Sampling.create(max_output_tokens=limits.max_output_tokens, **values), explicit
+        check_token_ids(field, ids, limits.vocab_size, limits.name)
     except InvalidRequest as exc:
         raise _invalid(str(exc)) from None
 

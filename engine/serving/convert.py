@@ -7,6 +7,7 @@ router, prefill and decode workers can never disagree about a request.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from engine.base import FinishReason, InvalidRequest, Sampling
 from tandem.v1 import common_pb2
@@ -22,21 +23,58 @@ _FINISH_TO_PROTO = {
 }
 
 
-def sampling_from_proto(params: common_pb2.SamplingParams, *, max_output_tokens: int = 8192,
-                        default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Sampling:
-    """Validated Sampling; InvalidRequest names the field and its allowed range."""
-    max_tokens = params.max_tokens if params.HasField("max_tokens") else min(default_max_tokens, max_output_tokens)
-    return Sampling.create(
-        max_output_tokens=max_output_tokens,
-        max_tokens=max_tokens,
-        temperature=params.temperature if params.HasField("temperature") else 0.0,
-        top_p=params.top_p if params.HasField("top_p") else 1.0,
-        top_k=params.top_k if params.HasField("top_k") else 0,
-        seed=params.seed if params.HasField("seed") else None,
-        stop=tuple(params.stop),
-        stop_token_ids=tuple(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-    )
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+def _f32(value: float) -> float:
+    # Proto floats are float32: show 0.9 as 0.9, not 0.8999999761581421.
+    return float(f"{value:.7g}")
+
+
+def sampling_from_proto(params: common_pb2.SamplingParams | None, *, max_output_tokens: int = 8192,
+                        default_max_tokens: int = DEFAULT_MAX_TOKENS, vocab_size: int = 0,
+                        model: str = "") -> Sampling:
+    """Validated Sampling; InvalidRequest names the field and its allowed range.
+
+    An unset max_tokens becomes min(default_max_tokens, max_output_tokens);
+    `vocab_size` (0: unknown) range-checks stop_token_ids.
+    """
+    values: dict[str, Any] = {}
+    explicit = params is not None and params.HasField("max_tokens")
+    values["max_tokens"] = params.max_tokens if params is not None and explicit \
+        else min(default_max_tokens, max_output_tokens)
+    if params is not None:
+        for name in ("temperature", "top_p"):
+            if params.HasField(name):
+                values[name] = _f32(getattr(params, name))
+        if params.HasField("top_k"):
+            values["top_k"] = params.top_k
+        if params.HasField("seed"):
+            values["seed"] = params.seed
+        stops = tuple(params.stop)
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+        for i, stop in enumerate(stops):
+            if len(stop) > MAX_STOP_CHARS:
+                raise InvalidRequest(f"stop[{i}] must be 1..{MAX_STOP_CHARS} characters, got {len(stop)}")
+        stop_ids = tuple(params.stop_token_ids)
+        if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(stop_ids)}")
+        check_token_ids("stop_token_ids", stop_ids, vocab_size, model)
+        values.update(stop=stops, stop_token_ids=stop_ids, ignore_eos=params.ignore_eos)
+    return Sampling.create(max_output_tokens=max_output_tokens, **values)
+
+
+def check_token_ids(field: str, ids: Sequence[int], vocab_size: int, model: str = "") -> None:
+    """InvalidRequest naming the first id outside 0..vocab_size-1 (no check when vocab_size is 0)."""
+    if not vocab_size:
+        return
+    whose = f"model {model!r} has" if model else "this model has"
+    for i, token_id in enumerate(ids):
+        if token_id >= vocab_size:
+            raise InvalidRequest(f"{field}[{i}] is {token_id}; {whose} token ids 0..{vocab_size - 1}")
 
 
 def sampling_to_proto(sampling: Sampling) -> common_pb2.SamplingParams:
@@ -61,9 +99,7 @@ def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_context_tokens: 
     """The prompt as a tuple, or InvalidRequest saying what is wrong with it."""
     if not prompt:
         raise InvalidRequest("prompt_token_ids is empty: send at least one token")
-    bad = next((t for t in prompt if t >= vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"prompt_token_ids has token id {bad}; this model's ids are 0..{vocab_size - 1}")
+    check_token_ids("prompt_token_ids", prompt, vocab_size)
     if max_context_tokens and len(prompt) + max_tokens > max_context_tokens:
         raise InvalidRequest(
             f"prompt has {len(prompt)} tokens and max_tokens is {max_tokens}; the model takes at most "

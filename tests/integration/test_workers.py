@@ -170,7 +170,7 @@ async def test_bad_requests_get_clear_statuses_and_the_worker_stays_healthy(stub
             temperature=-1)), "temperature must be >= 0"),
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
             top_p=1.5)), "top_p must be in (0, 1]"),
-        (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[10**6], sampling=ok), "token id 1000000"),
+        (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[10**6], sampling=ok), "[0] is 1000000"),
         (worker_pb2.PrefillRequest(model="other", prompt_token_ids=[1], sampling=ok), "serves model 'tiny'"),
     ]
     for request, message in cases:
