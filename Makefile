@@ -48,7 +48,8 @@ lint: $(STAMP)
 # Benchmarks print a table with a ratio against a baseline measured in the same run.
 bench: $(STAMP)
 	@set -e; found=0; for script in bench/*.py; do \
-	  [ -f "$$script" ] || continue; found=1; \
+	  [ -f "$$script" ] || continue; \
+	  case "$$(basename $$script)" in _*) continue;; esac; found=1; \
 	  echo "== $$script"; $(PY) "$$script"; \
 	done; [ $$found = 1 ] || echo "no benchmarks in bench/ yet"
 

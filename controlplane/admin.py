@@ -26,6 +26,7 @@ from controlplane.etcd_client import EtcdUnavailable
 from controlplane.keys import Kind, check_name
 from controlplane.records import SCHEMA_VERSION
 from controlplane.registry import Registry
+from controlplane.runtime.text import cap, clip
 from controlplane.view import RegistryView
 from tandem.v1 import admin_pb2, admin_pb2_grpc, common_pb2, registry_pb2
 
@@ -47,9 +48,9 @@ def _statuses(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await method(self, request, context)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, cap(str(exc)))
         except EtcdUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, cap(str(exc)))
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
@@ -73,7 +74,7 @@ def check_model_spec(spec: registry_pb2.ModelSpec) -> None:
                          f"got {spec.max_output_tokens}")
     for key in spec.engine_args:
         if not key or any(c.isspace() for c in key):
-            raise ValueError(f"spec.engine_args keys must be non-empty without spaces, got {key!r}")
+            raise ValueError(f"spec.engine_args keys must be non-empty without spaces, got {clip(key)}")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -122,7 +123,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         snapshot = await self._snapshot(context)
         gpus = fleet.gpu_statuses(snapshot, request.node)
         if request.node and not gpus and request.node not in fleet.known_nodes(snapshot):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.node!r} is not registered")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {clip(request.node)} is not registered")
         return admin_pb2.ListGpusResponse(gpus=gpus)
 
     @_statuses
@@ -190,7 +191,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         reason = _check_reason(request.reason)
         # Ask etcd, not the view: a worker that registered a moment ago must be drainable.
         if await self.registry.get(Kind.WORKER, worker_id) is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {worker_id!r} is not registered")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {clip(worker_id)} is not registered")
         existing = await self.registry.get(Kind.DRAIN, worker_id)
         if existing is not None:
             return admin_pb2.DrainWorkerResponse(intent=existing.record)
@@ -214,7 +215,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             _, workers = await self.registry.list(Kind.WORKER)
             if not any(entry.record.node == node for entry in workers):
                 await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"node {node!r} is not registered (no node agent and no worker reports it)")
+                                    f"node {clip(node)} is not registered (no node agent and no worker reports it)")
         existing = await self.registry.get(Kind.CORDON, node)
         if existing is not None:
             return admin_pb2.CordonNodeResponse(intent=existing.record)
@@ -243,5 +244,5 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                               context: grpc.aio.ServicerContext) -> admin_pb2.DeleteModelSpecResponse:
         name = check_name(request.name, "name")
         if not await self.registry.delete_model(name):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model spec {name!r} does not exist")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model spec {clip(name)} does not exist")
         return admin_pb2.DeleteModelSpecResponse()

@@ -47,7 +47,7 @@ from controlplane.runtime.config import ConfigError, load_config
 from controlplane.runtime.logs import configure_logging
 from controlplane.runtime.metrics import MetricsEndpoint
 from controlplane.runtime.server import announce_ready, install_stop_signals
-from controlplane.runtime.settings import CommonSettings
+from controlplane.runtime.settings import CommonSettings, default_node_name
 from controlplane.session import LeaseSession
 from controlplane.simulated_gpus import SimulatedGpusError, simulated_gpus
 from tandem.v1 import registry_pb2
@@ -85,7 +85,7 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def resolve(settings: AgentSettings) -> AgentSettings:
     """Settings with defaults filled in (node, host) and every value checked; ConfigError naming the flag."""
-    node = settings.node or socket.gethostname().split(".")[0]
+    node = settings.node or default_node_name()
     try:
         check_name(node, "--node")
     except ValueError as exc:

@@ -18,8 +18,11 @@ import enum
 import re
 from dataclasses import dataclass
 
+from controlplane.runtime.text import clip
+
 DEFAULT_PREFIX = "/tandem"
 API_VERSION = "v1"
+
 
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -40,7 +43,7 @@ class Kind(enum.Enum):
 def check_name(name: str, what: str = "name") -> str:
     """Returns `name` if it is a valid key segment; ValueError naming `what` otherwise."""
     if not _NAME.match(name or ""):
-        raise ValueError(f"{what} must be 1..128 characters of A-Z a-z 0-9 . _ : -, got {name!r}")
+        raise ValueError(f"{what} must be 1..128 characters of A-Z a-z 0-9 . _ : -, got {clip(name)}")
     return name
 
 

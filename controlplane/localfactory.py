@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from controlplane.etcd_server import EtcdServer
+from controlplane.runtime.settings import default_node_name
 from controlplane.simulated_gpus import simulated_gpus
 from controlplane.supervisor import ManagedProcess
 from engine.catalog import GpuCatalog, default_catalog
@@ -89,7 +89,7 @@ class FactoryOptions:
     state_dir: Path | None = None
     lease_ttl: int = 5
     speedup: float = 1.0
-    node: str = field(default_factory=socket.gethostname)
+    node: str = field(default_factory=default_node_name)
 
     @property
     def served_model(self) -> str:

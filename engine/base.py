@@ -291,7 +291,6 @@ class Engine(abc.ABC):
 _ENGINES: dict[str, str] = {
     "torch": "engine.torch_engine:TorchEngine",
     "sim": "engine.sim:SimEngine",
-    "vllm": "engine.vllm_engine:VllmEngine",
 }
 
 

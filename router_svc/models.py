@@ -11,6 +11,7 @@ directory. Tokenizers are loaded once and cached.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,15 +42,26 @@ class ModelCatalog:
     """Limits and tokenizers by model name. Used from one event loop."""
 
     def __init__(self, tokenizer_paths: Mapping[str, str], *, default_max_output_tokens: int = 4096,
-                 default_max_tokens: int = 256, default_context_tokens: int = 8192) -> None:
+                 default_max_tokens: int = 256, default_context_tokens: int = 8192,
+                 remember_s: float = 600.0) -> None:
         self.tokenizer_paths = dict(tokenizer_paths)
+        self.remember_s = remember_s
+        self._seen: dict[str, tuple[float, ModelLimits]] = {}
         self.default_max_output_tokens = default_max_output_tokens
         self.default_max_tokens = default_max_tokens
         self.default_context_tokens = default_context_tokens
         self._tokenizers: dict[str, Tokenizer] = {}
 
-    def limits(self, fleet: FleetView, specs: Mapping[str, registry_pb2.ModelSpec]) -> dict[str, ModelLimits]:
-        """ModelLimits of every model some worker serves (routable or not: errors then say why)."""
+    def limits(self, fleet: FleetView, specs: Mapping[str, registry_pb2.ModelSpec],
+               now: float | None = None) -> dict[str, ModelLimits]:
+        """ModelLimits of every model some worker serves, has a spec, or served within `remember_s`.
+
+        Models whose workers just vanished stay known for a while (workers
+        re-register after etcd drops their leases, a fleet restarts): requests
+        for them then wait for a worker and get UNAVAILABLE if none comes,
+        rather than NOT_FOUND "unknown model".
+        """
+        now = time.monotonic() if now is None else now
         result = {}
         for model in fleet.models():
             spec = specs.get(model)
@@ -65,6 +77,14 @@ class ModelCatalog:
                 name=model, max_context_tokens=context, max_output_tokens=max(1, min(max_output, context - 1)),
                 default_max_tokens=self.default_max_tokens,
                 vocab_size=tokenizer.vocab_size if tokenizer is not None else 0)
+            self._seen[model] = (now, result[model])
+        for model, (seen_at, limits) in list(self._seen.items()):
+            if model in result:
+                continue
+            if now - seen_at <= self.remember_s or model in specs:
+                result[model] = limits
+            else:
+                del self._seen[model]
         return result
 
     def tokenizer(self, model: str, spec: registry_pb2.ModelSpec | None,

@@ -20,6 +20,7 @@ import grpc
 
 from controlplane.keys import Kind
 from controlplane.runtime.logs import request_scope
+from controlplane.runtime.text import cap
 from engine.base import FinishReason
 from engine.detokenizer import Detokenizer
 from engine.serving.convert import finish_reason_to_proto
@@ -79,7 +80,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             _, job, detok = self._prepare(request, context)
         except RequestError as exc:
             self.metrics.requests.labels(status=exc.code.name).inc()
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, cap(exc.message))
         with request_scope(job.request_id):
             sent = 0
             steps = self.pipeline.run(job)
@@ -104,7 +105,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 log.warning("request failed: %s", exc.message, extra={"code": exc.code.name})
                 if exc.retry_after_s:
                     context.set_trailing_metadata(retry_hint_metadata(exc.retry_after_s))
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, cap(exc.message))
             except asyncio.CancelledError:
                 status = "CANCELLED"
                 raise

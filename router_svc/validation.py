@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from controlplane.runtime.text import clip
 from engine.base import InvalidRequest, Sampling
 from engine.serving.convert import check_token_ids, sampling_from_proto
 from tandem.v1 import inference_pb2
@@ -99,7 +100,7 @@ def validate_generate(
         raise _invalid(f"model is required ({_known(models)})")
     limits = models.get(request.model)
     if limits is None:
-        raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; {_known(models)}")
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {clip(request.model)}; {_known(models)}")
 
     has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
     if has_text and has_ids:

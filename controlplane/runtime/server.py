@@ -133,8 +133,10 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
     def _on_signal(signum: int) -> None:
-        log.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
+        name = signal.Signals(signum).name
+        log.info("signal received, shutting down", extra={"signal": name})
         stop.set()
+        sdnotify.notify_stopping(f"{name} received: draining")
         loop.remove_signal_handler(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):

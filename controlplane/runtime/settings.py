@@ -12,11 +12,21 @@ TANDEM_* variables and TOML keys below mean the same everywhere:
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.etcd_client import EtcdSettings
 from controlplane.keys import DEFAULT_PREFIX, Keys
+
+
+def default_node_name() -> str:
+    """The node name every process on a host uses unless told otherwise: the short host name.
+
+    The agent registers the node and workers name it; cordons match on it, so
+    both must agree.
+    """
+    return socket.gethostname().split(".")[0]
 
 
 @dataclass

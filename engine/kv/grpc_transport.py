@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import grpc
 
+from controlplane.runtime.text import clip
 from engine.kv.checksum import crc32c
 from engine.kv.handles import HandleStore, KvEntry
 from engine.kv.transport import KvNotFound, KvTransferError, ProducerBase, allocate
@@ -33,7 +34,7 @@ CHANNEL_OPTIONS = (
 
 
 def not_found_message(handle_id: str) -> str:
-    return f"KV handle {handle_id!r} is unknown, released or expired"
+    return f"KV handle {clip(handle_id)} is unknown, released or expired"
 
 
 class KvSourceServicer(worker_pb2_grpc.KvSourceServicer):

@@ -22,6 +22,7 @@ import contextlib
 import secrets
 import socket
 import struct
+import threading
 
 import grpc
 
@@ -133,10 +134,14 @@ async def fetch(handle: KvHandle, channel: grpc.aio.Channel | None = None) -> me
                               f"got {sorted(params)}") from None
     host = params.get("host") or handle.source_endpoint.rpartition(":")[0].strip("[]") or handle.source_host
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    worker = asyncio.ensure_future(asyncio.to_thread(_pull_blocking, sock, host, port, token, handle))
+    cancelled = threading.Event()
+    worker = asyncio.ensure_future(asyncio.to_thread(_pull_blocking, sock, host, port, token, handle, cancelled))
     try:
         return await asyncio.shield(worker)
     except asyncio.CancelledError:
+        # Shutting down an unconnected socket does nothing: the flag stops a
+        # thread that has not connected yet, the shutdown one that has.
+        cancelled.set()
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         await asyncio.gather(worker, return_exceptions=True)
@@ -145,11 +150,14 @@ async def fetch(handle: KvHandle, channel: grpc.aio.Channel | None = None) -> me
         sock.close()
 
 
-def _pull_blocking(sock: socket.socket, host: str, port: int, token: str, handle: KvHandle) -> memoryview:
+def _pull_blocking(sock: socket.socket, host: str, port: int, token: str, handle: KvHandle,
+                   cancelled: threading.Event) -> memoryview:
     try:
         sock.settimeout(30.0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         sock.connect((host, port))
+        if cancelled.is_set():
+            raise KvTransferError(f"KV handle {handle.handle_id!r}: pull cancelled")
         sock.sendall(token.encode("ascii"))
         header = _recv_exactly(sock, memoryview(bytearray(_HEADER.size)), handle)
         status, size = _HEADER.unpack(header)

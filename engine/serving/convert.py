@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from controlplane.runtime.text import clip
 from engine.base import FinishReason, InvalidRequest, Sampling
 from tandem.v1 import common_pb2
 
@@ -110,4 +111,4 @@ def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_context_tokens: 
 def check_model(served: str, requested: str) -> None:
     """InvalidRequest unless `requested` is empty or the model this worker serves."""
     if requested and requested != served:
-        raise InvalidRequest(f"this worker serves model {served!r}, not {requested!r}")
+        raise InvalidRequest(f"this worker serves model {served!r}, not {clip(requested)}")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from controlplane.runtime.text import cap
 from engine.base import CapacityExhausted, EngineError, InvalidRequest, KvMismatch
 from engine.kv.transport import KvNotFound, KvTransferError
 from engine.serving.admission import Refused
@@ -61,6 +62,6 @@ async def rpc_errors(context: grpc.aio.ServicerContext,
             log.exception("unexpected failure serving a request")
             mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         count(mapped[0].name)
-        await context.abort(*mapped)
+        await context.abort(mapped[0], cap(mapped[1]))
     else:
         count("OK")

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.runtime.settings import CommonSettings
+from controlplane.runtime.settings import CommonSettings, default_node_name
 from engine.base import EngineConfig
 
 
@@ -48,7 +48,7 @@ class WorkerSettings(CommonSettings):
         return self.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
 
     def resolved_node(self) -> str:
-        return self.node or socket.gethostname()
+        return self.node or default_node_name()
 
     def engine_config(self) -> EngineConfig:
         extra = {"sim_kv_bytes": self.sim_kv_bytes} if self.sim_kv_bytes else {}

@@ -310,7 +310,7 @@ async def test_fleet_status_gpus_workers_and_leases(etcd: EtcdServer, client: Et
 async def test_admin_over_tls(etcd: EtcdServer, processes: Any, tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is needed to make a test certificate")
+        pytest.fail("openssl is needed to make a test certificate: apt-get install openssl (.ci/run does)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     make_cert = await asyncio.create_subprocess_exec(
         openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
