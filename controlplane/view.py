@@ -57,7 +57,6 @@ class RegistryView:
         self._subscribers: list[asyncio.Queue[Change]] = []
         self._last_contact = 0.0
         self._backoff = _MIN_BACKOFF
-        self._probe_ok = False
         self._closed = False
         self._runner: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -76,12 +75,11 @@ class RegistryView:
         return [entry.record for entry in self._entries[kind].values()]
 
     def staleness(self) -> float:
-        """Seconds since etcd last answered, or 0 while it answers."""
-        if self._probe_ok and self.synced.is_set():
-            return 0.0
+        """Seconds since etcd last answered, or 0 while it answers (within two probe intervals)."""
         if not self._last_contact:
             return float("inf")
-        return time.monotonic() - self._last_contact
+        age = time.monotonic() - self._last_contact
+        return 0.0 if self.synced.is_set() and age <= 2 * self.probe_interval else age
 
     async def changes(self) -> AsyncIterator[Change]:
         """Every change from now on, in order. Ends when the view closes."""
@@ -213,13 +211,11 @@ class RegistryView:
             try:
                 await self.client.status()
                 self._touch()
-                self._probe_ok = True
                 if was_down and self._watcher is not None and not self._watcher.done():
                     # The watch may have died silently during the outage: re-list to be sure.
                     self._watcher.cancel()
                 was_down = False
             except EtcdUnavailable:
-                self._probe_ok = False
                 was_down = True
             await asyncio.sleep(self.probe_interval)
 

@@ -33,6 +33,7 @@ from engine.base import FinishReason, Sampling
 from engine.serving.convert import sampling_to_proto
 from router_svc.live_view import LiveView
 from router_svc.policy import Decision, NoCapacity, NoWorker, Policy, RouteRequest
+from router_svc.stall import StallWatch
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Pipeline:
         self.channels = channels
         self.config = config
         self.suspects = Suspects(config.suspect_s)
+        self.stalls = StallWatch(config.stall_timeout_s)
 
     def _remaining(self, job: Job) -> float | None:
         return None if job.deadline is None else max(0.001, job.deadline - time.monotonic())
@@ -254,27 +256,35 @@ class Pipeline:
                     request, timeout=self._remaining(job))
                 stepped = False
                 try:
-                    while True:
-                        async with asyncio.timeout(self.config.stall_timeout_s):
-                            step = await call.read()
-                        if step is grpc.aio.EOF:
-                            break
-                        if not stepped:
-                            stepped = True
-                            handle = None  # the decode worker has the KV now
-                            outcome.kv_transfer_ms += step.kv_transfer_ms
-                            if outcome.local_prefill:
-                                outcome.prefill_ms = step.prefill_ms
-                        if step.token_ids:
-                            now = time.monotonic()
-                            if not generated:
-                                outcome.ttft_ms = (now - arrived) * 1000
-                            generated.extend(step.token_ids)
-                            outcome.token_times.extend([now] * len(step.token_ids))
-                            yield list(step.token_ids)
-                        if step.finish_reason:
-                            outcome.finish_reason = _FINISH_FROM_PROTO.get(step.finish_reason, FinishReason.LENGTH)
-                            break
+                    with self.stalls.watch(call) as watched:
+                        while True:
+                            try:
+                                step = await call.read()
+                            except asyncio.CancelledError:
+                                if watched.stalled and not self._cancelled_here():
+                                    raise TimeoutError from None
+                                raise
+                            watched.touch()
+                            if step is grpc.aio.EOF:
+                                break
+                            if not stepped:
+                                stepped = True
+                                handle = None  # the decode worker has the KV now
+                                outcome.kv_transfer_ms += step.kv_transfer_ms
+                                if outcome.local_prefill:
+                                    outcome.prefill_ms = step.prefill_ms
+                            if step.token_ids:
+                                now = time.monotonic()
+                                if not generated:
+                                    outcome.ttft_ms = (now - arrived) * 1000
+                                generated.extend(step.token_ids)
+                                outcome.token_times.extend([now] * len(step.token_ids))
+                                yield list(step.token_ids)
+                                watched.touch()  # time the client took is not the worker's silence
+                            if step.finish_reason:
+                                outcome.finish_reason = _FINISH_FROM_PROTO.get(step.finish_reason,
+                                                                               FinishReason.LENGTH)
+                                break
                     if not outcome.finish_reason:
                         raise _stream_ended(decode.worker_id)
                 except grpc.aio.AioRpcError as exc:

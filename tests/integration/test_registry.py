@@ -166,7 +166,7 @@ async def test_view_serves_while_etcd_is_stopped_and_reports_staleness(etcd: Etc
     try:
         await registry.register_worker(session, worker("w"))
         assert await view.wait_for(lambda v: "w" in v.entries(Kind.WORKER), 5)
-        assert view.staleness() == 0
+        await wait_until(lambda: view.staleness() == 0, 5)
         etcd.pause()
         try:
             await wait_until(lambda: view.staleness() > 1.0, 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -310,3 +311,39 @@ async def test_client_cancel_frees_the_worker_sequence(factory: Factory) -> None
                 break
             assert time.monotonic() < deadline, f"sequence not freed after cancel: {load}"
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.fault
+async def test_stalled_decode_worker_is_migrated_away_from(factory: Factory) -> None:
+    """A decode worker that stops answering (SIGSTOP: its sockets stay open, nothing errors) holds no stream:
+    after --stall-timeout-s the router moves the sequence to another worker, with no lost or repeated token."""
+    sim = (*SIM, "--speedup", "2")
+    d0 = factory.start("d0", "decode_svc", *sim)
+    d1 = factory.start("d1", "decode_svc", *sim)
+    router = factory.start("router", "router_svc", "--stall-timeout-s", "1", "--policy", "round-robin")
+    channel, stub = inference(router)
+    async with channel:
+        await wait_models(stub, "llama-3-8b", 0, 2)
+        sampling = common_pb2.SamplingParams(max_tokens=60, ignore_eos=True)
+        prompt = list(range(40, 70))
+        expected = await unified_tokens(d1, "llama-3-8b", prompt, sampling)
+        call = stub.Generate(inference_pb2.GenerateRequest(model="llama-3-8b", prompt_token_ids=prompt,
+                                                           sampling=sampling), timeout=60)
+        first = await call.read()
+        tokens = list(first.token_ids)
+        # Whoever serves it, freeze that worker mid-stream.
+        frozen = d0
+        last = first
+        async with grpc.aio.insecure_channel(d0.endpoint) as d0_channel:
+            load = await worker_pb2_grpc.WorkerStub(d0_channel).GetLoad(worker_pb2.GetLoadRequest())
+        if load.active_sequences == 0:
+            frozen = d1
+        frozen.send(signal.SIGSTOP)
+        try:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                tokens.extend(response.token_ids)
+                last = response
+        finally:
+            frozen.send(signal.SIGCONT)
+        assert tokens == expected
+        assert last.route.migrations >= 1
