@@ -22,6 +22,7 @@ from controlplane.runtime.logs import request_scope
 from engine.base import DecodeRequest, InvalidRequest, KvBlob
 from engine.kv.exporter import fetch_kv
 from engine.kv.layout import layout_from_proto
+from engine.serving.coalesce import coalesced
 from engine.serving.convert import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
 from engine.serving.errors import rpc_errors
 from engine.serving.process import WorkerContext, WorkerRole
@@ -72,7 +73,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                         first_token=request.first_token_id if has_handle else None, generated=generated))
                     produced = 0
                     first = True
-                    async with contextlib.aclosing(decode) as steps:
+                    async with contextlib.aclosing(coalesced(decode)) as steps:
                         async for step in steps:
                             produced += len(step.token_ids)
                             self.ctx.metrics.generated_tokens.inc(len(step.token_ids))

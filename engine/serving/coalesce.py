@@ -1,0 +1,63 @@
+"""Coalescing decode steps: send what accumulated while the last send was in flight.
+
+The engine produces steps at its own pace; the gRPC stream sends them at the
+network's. `coalesced(steps)` runs the engine side in its own task and hands
+the writer every step that is ready, merged into one: when the writer keeps
+up (a real GPU, a token every few milliseconds) each step goes alone and
+nothing waits; when it falls behind (a busy router, a fast simulated engine)
+several steps travel in one message instead of queueing up.
+
+Closing the returned generator (the client cancelled) cancels the engine
+side, which closes the engine's iterator and frees the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+from engine.base import DecodeStep
+
+_END = object()
+
+
+async def coalesced(steps: AsyncGenerator[DecodeStep, None]) -> AsyncGenerator[DecodeStep, None]:
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(steps):
+                async for step in steps:
+                    queue.put_nowait(step)
+        except Exception as exc:  # handed to the writer, which raises it in the RPC's task
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_END)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            merged: DecodeStep | None = None
+            for item in items:
+                if item is _END:
+                    if merged is not None:
+                        yield merged
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, DecodeStep)
+                if merged is None:
+                    merged = DecodeStep(list(item.token_ids), item.finish_reason, item.prefill_s, item.queue_s)
+                else:
+                    merged.token_ids.extend(item.token_ids)
+                    merged.finish_reason = item.finish_reason
+            if merged is not None:
+                yield merged
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,65 @@
+"""Decode-step coalescing: nothing lost, nothing reordered, merged only when the writer falls behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from engine.base import DecodeStep
+from engine.serving.coalesce import coalesced
+
+
+async def engine_steps(n: int, gate: asyncio.Event | None = None, closed: list[bool] | None = None,
+                       fail_at: int = -1) -> AsyncGenerator[DecodeStep, None]:
+    try:
+        for i in range(n):
+            if gate is not None:
+                await gate.wait()
+                gate.clear()
+            if i == fail_at:
+                raise RuntimeError("engine failed")
+            yield DecodeStep([i], "length" if i == n - 1 else None, prefill_s=0.5 if i == 0 else 0.0)
+            await asyncio.sleep(0)
+    finally:
+        if closed is not None:
+            closed.append(True)
+
+
+async def test_a_slow_writer_gets_merged_steps_in_order() -> None:
+    out: list[DecodeStep] = []
+    async for step in coalesced(engine_steps(50)):
+        out.append(step)
+        await asyncio.sleep(0.001)  # a writer slower than the engine
+    assert [t for s in out for t in s.token_ids] == list(range(50))
+    assert len(out) < 50, "steps that piled up while the writer was busy travel together"
+    assert out[0].prefill_s == 0.5 and out[-1].finish_reason == "length"
+    assert all(s.finish_reason is None for s in out[:-1])
+
+
+async def test_a_fast_writer_gets_every_step_alone() -> None:
+    gate = asyncio.Event()
+    out: list[list[int]] = []
+    stream = coalesced(engine_steps(5, gate))
+    for _ in range(5):
+        gate.set()
+        out.append((await anext(stream)).token_ids)
+    assert out == [[0], [1], [2], [3], [4]]
+    await stream.aclose()
+
+
+async def test_closing_early_closes_the_engine_iterator() -> None:
+    closed: list[bool] = []
+    stream = coalesced(engine_steps(1000, closed=closed))
+    await anext(stream)
+    await stream.aclose()
+    assert closed == [True]
+
+
+async def test_engine_errors_reach_the_writer() -> None:
+    with pytest.raises(RuntimeError, match="engine failed"):
+        async with contextlib.aclosing(coalesced(engine_steps(10, fail_at=3))) as stream:
+            async for _ in stream:
+                pass
