@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from controlplane.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "protos"):
@@ -79,57 +79,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-class LocalFactory:
-    """etcd and Tandem service processes on loopback, each stopped by PID in `close()` (safe twice).
-
-    Workers and routers run as real processes exactly as tests/integration
-    start them: `--listen 127.0.0.1:0`, a ready file, health SERVING.
-    """
-
-    def __init__(self, root: Path | None = None, *, lease_ttl: int = 2, keep: bool = False) -> None:
-        from controlplane.etcd_server import EtcdServer
-
-        # A directory made here is removed by close() unless `keep` (logs, profiles to read after).
-        self._remove = root is None and not keep
-        self.root = Path(root or tempfile.mkdtemp(prefix="tandem-bench-"))
-        self.lease_ttl = lease_ttl
-        self.etcd = EtcdServer(data_dir=self.root / "etcd").start()
-        self.children: dict[str, object] = {}
-
-    def start(self, name: str, module: str, *args: str, wait: bool = True, python: Sequence[str] = ()):
-        """Starts `python -m module` with the common flags; waits until it serves unless `wait` is False.
-
-        `python` replaces the interpreter prefix (e.g. to run it under cProfile).
-        """
-        from controlplane.supervisor import ManagedProcess
-
-        argv = [*(python or [sys.executable, "-m", module]), "--etcd", self.etcd.endpoint, "--listen",
-                "127.0.0.1:0", "--lease-ttl", str(self.lease_ttl), "--shutdown-grace", "5",
-                "--log-level", "warning", *args]
-        if module != "router_svc":
-            argv += ["--worker-id", name, "--node", f"node-{name}"]
-        child = ManagedProcess(name, argv, log_dir=self.root / "logs").start()
-        self.children[name] = child
-        if wait:
-            child.wait_ready(120)
-        return child
-
-    def close(self) -> None:
-        for child in self.children.values():
-            child.stop()  # type: ignore[attr-defined]
-        self.etcd.close()
-        if self._remove and not self.leftovers():
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def leftovers(self) -> list[str]:
-        """Names of children still running (should be empty after close())."""
-        return [name for name, child in self.children.items() if child.alive()]  # type: ignore[attr-defined]
-
-    def __enter__(self) -> LocalFactory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def testbed(*, lease_ttl: int = 2, keep: bool = False) -> Testbed:
+    """etcd and Tandem processes for a benchmark (quiet logs; the directory goes unless `keep`)."""
+    return Testbed(lease_ttl=lease_ttl, keep=keep, shutdown_grace=5, extra_args=("--log-level", "warning"))
 
 
 if __name__ == "__main__":

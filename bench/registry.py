@@ -41,7 +41,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import SIM_8B, LocalFactory, percentile, print_header, table
+from _common import SIM_8B, percentile, print_header, table, testbed
+
+from controlplane.testbed import Testbed
 
 MODEL = "llama-3-8b"
 TRIAL_TTL = 2
@@ -111,7 +113,7 @@ class Traffic:
         await self._channel.close()
 
 
-async def _lifecycle(factory: LocalFactory, trials: int) -> dict[str, list[float]]:
+async def _lifecycle(factory: Testbed, trials: int) -> dict[str, list[float]]:
     from controlplane.etcd_client import EtcdClient, EtcdSettings
     from controlplane.keys import Keys, Kind
     from controlplane.view import RegistryView
@@ -332,11 +334,11 @@ def main() -> None:
     print_header(f"registry: {trials} worker start/SIGKILL trials (lease TTL {TRIAL_TTL} s), etcd writes with "
                  f"{'/'.join(map(str, idle_counts))} idle registrants (TTL {IDLE_TTL} s), "
                  f"decisions over {args.workers} workers")
-    factory = LocalFactory(lease_ttl=TRIAL_TTL)
+    factory = testbed(lease_ttl=TRIAL_TTL)
     try:
         life = asyncio.run(_lifecycle(factory, trials))
         for name in list(factory.children):
-            factory.children[name].stop()  # type: ignore[attr-defined]
+            factory.children[name].stop()
         write_rows = []
         writes: dict[int, dict[str, float]] = {}
         for count in idle_counts:

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     SIM_8B,
-    LocalFactory,
     cpu_seconds,
     percentile,
     print_header,
     table,
+    testbed,
 )
 
 MODEL = "llama-3-8b"
@@ -167,7 +167,7 @@ def main() -> None:
 
     print_header(f"router throughput: sim engine x{args.speedup:g}, {args.max_tokens}-token completions, "
                  f"concurrency {args.concurrency}, {requests} requests per path")
-    factory = LocalFactory(keep=args.profile)
+    factory = testbed(keep=args.profile)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     client = ctx.Process(target=_client_main, args=(child,), daemon=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings, EtcdUnavailable
-from controlplane.etcd_server import EtcdServer, start_cluster
+from controlplane.etcd_client import EtcdUnavailable
 from controlplane.keys import Keys, Kind
 from controlplane.registry import Registry
 from controlplane.supervisor import ManagedProcess
+from controlplane.testbed import Testbed
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 # Short enough that lease expiry fits in a fast drill, long enough for a 2-core machine under load.
@@ -33,62 +32,19 @@ MODEL = "llama-3-8b"
 SIM = ("--engine", "sim", "--model", MODEL, "--gpu-type", "H100-SXM")
 
 
-class Fleet:
-    """etcd (1 or 3 members), workers and routers as real processes, all stopped by PID at the end."""
-
-    def __init__(self, root: Path, members: int = 1) -> None:
-        self.root = root
-        if members == 1:
-            self.etcds = [EtcdServer(data_dir=root / "etcd").start()]
-        else:
-            self.etcds = start_cluster(members, base_dir=root / "etcd-cluster")
-        self.children: dict[str, ManagedProcess] = {}
-
-    @property
-    def etcd(self) -> EtcdServer:
-        return self.etcds[0]
-
-    @property
-    def etcd_endpoints(self) -> str:
-        return ",".join(member.endpoint for member in self.etcds)
-
-    def start(self, name: str, module: str, *args: str, wait: bool = True) -> ManagedProcess:
-        """`python -m module` with etcd, a free port, the drill TTL; workers get id `name` on node `node-name`."""
-        argv = [sys.executable, "-m", module, "--etcd", self.etcd_endpoints, "--listen", "127.0.0.1:0",
-                "--lease-ttl", str(TTL), "--shutdown-grace", "10", "--log-format", "text", *args]
-        if module in ("prefill_svc", "decode_svc"):
-            argv += ["--worker-id", name, "--node", f"node-{name}"]
-        child = ManagedProcess(name, argv, log_dir=self.root / "logs").start()
-        self.children[name] = child
-        if wait:
-            child.wait_ready(120)
-        return child
-
-    def workers(self) -> dict[str, ManagedProcess]:
-        return {n: c for n, c in self.children.items() if "--worker-id" in c.argv}
-
-    def close(self) -> list[str]:
-        """Stops every child and etcd member; returns the children still alive (should be none)."""
-        for child in self.children.values():
-            child.stop()
-        for member in self.etcds:
-            member.close()
-        return [c.name for c in self.children.values() if c.alive()]
-
-    def client(self, timeout: float = 1.0) -> EtcdClient:
-        return EtcdClient(EtcdSettings.parse(self.etcd_endpoints, timeout=timeout))
+Fleet = Testbed
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
+    f = Fleet(tmp_path, lease_ttl=TTL)
     yield f
     assert not f.close(), "children left running"
 
 
 @pytest.fixture
 def fleet3(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, members=3)
+    f = Fleet(tmp_path, members=3, lease_ttl=TTL)
     yield f
     assert not f.close(), "children left running"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,10 +12,10 @@ import grpc
 import pytest
 
 from controlplane.etcd_client import EtcdClient, EtcdSettings
-from controlplane.etcd_server import EtcdServer
 from controlplane.keys import Keys
 from controlplane.registry import Registry
 from controlplane.supervisor import ManagedProcess, health_status
+from controlplane.testbed import Testbed
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -24,37 +23,14 @@ pytestmark = pytest.mark.integration
 SIM = ("--engine", "sim", "--model", "llama-3-8b", "--gpu-type", "H100-SXM")
 
 
-class Factory:
-    """etcd, workers and a router as real processes; every child stopped by PID at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.etcd = EtcdServer(data_dir=root / "etcd").start()
-        self.children: dict[str, ManagedProcess] = {}
-
-    def start(self, name: str, module: str, *args: str, wait: bool = True) -> ManagedProcess:
-        argv = [sys.executable, "-m", module, "--etcd", self.etcd.endpoint, "--listen", "127.0.0.1:0",
-                "--lease-ttl", "2", "--shutdown-grace", "10", *args]
-        if module != "router_svc":
-            argv += ["--worker-id", name, "--node", f"node-{name}"]
-        child = ManagedProcess(name, argv, log_dir=self.root / "logs").start()
-        self.children[name] = child
-        if wait:
-            child.wait_ready(120)
-        return child
-
-    def close(self) -> None:
-        for child in self.children.values():
-            child.stop()
-        self.etcd.close()
+Factory = Testbed
 
 
 @pytest.fixture
 def factory(tmp_path: Path) -> Iterator[Factory]:
     f = Factory(tmp_path)
     yield f
-    f.close()
-    assert not [c.name for c in f.children.values() if c.alive()], "children left running"
+    assert not f.close(), "children left running"
 
 
 @pytest.fixture

@@ -4,60 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from controlplane.etcd_client import EtcdClient, EtcdSettings
-from controlplane.etcd_server import EtcdServer
 from controlplane.keys import Keys, Kind
 from controlplane.registry import Registry
-from controlplane.supervisor import ManagedProcess
+from controlplane.testbed import Testbed
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 
-class Fleet:
-    """A real etcd and worker processes shared by the tests of this module."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.etcd = EtcdServer(data_dir=root / "etcd").start()
-        self.children: dict[str, ManagedProcess] = {}
-
-    def start(self, name: str, module: str, *args: str) -> ManagedProcess:
-        argv = [sys.executable, "-m", module, "--etcd", self.etcd.endpoint, "--listen", "127.0.0.1:0",
-                "--lease-ttl", "2", "--worker-id", name, "--shutdown-grace", "5", *args]
-        child = ManagedProcess(name, argv, log_dir=self.root / "logs").start()
-        self.children[name] = child
-        return child
-
-    def close(self) -> None:
-        for child in self.children.values():
-            child.stop()
-        self.etcd.close()
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path_factory.mktemp("workers"))
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    fleet = Testbed(tmp_path_factory.mktemp("workers"), shutdown_grace=5)
     torch_args = ("--engine", "torch", "--model", "tiny")
     sim_args = ("--engine", "sim", "--model", "llama-3-8b", "--gpu-type", "H100-SXM", "--speedup", "1000")
-    fleet.start("torch-p", "prefill_svc", *torch_args, "--kv-transports", "grpc,shm,tcp")
-    fleet.start("torch-d", "decode_svc", *torch_args)
-    fleet.start("sim-p", "prefill_svc", *sim_args, "--kv-handle-ttl", "1")
-    fleet.start("sim-d", "decode_svc", *sim_args)
+    fleet.start("torch-p", "prefill_svc", *torch_args, "--kv-transports", "grpc,shm,tcp", wait=False)
+    fleet.start("torch-d", "decode_svc", *torch_args, wait=False)
+    fleet.start("sim-p", "prefill_svc", *sim_args, "--kv-handle-ttl", "1", wait=False)
+    fleet.start("sim-d", "decode_svc", *sim_args, wait=False)
     try:
         for child in fleet.children.values():
             child.wait_ready(120)
         yield fleet
     finally:
-        fleet.close()
+        assert not fleet.close(), "children left running"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +53,7 @@ class Stubs:
 
 
 @pytest.fixture
-async def stubs(fleet: Fleet) -> AsyncIterator[dict[str, Stubs]]:
+async def stubs(fleet: Testbed) -> AsyncIterator[dict[str, Stubs]]:
     channels = {name: grpc.aio.insecure_channel(child.endpoint) for name, child in fleet.children.items()}
     yield {name: Stubs(channel) for name, channel in channels.items()}
     for channel in channels.values():
