@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -265,3 +266,39 @@ async def test_drain_intent_finishes_in_flight_then_deregisters(fleet, stubs) ->
             assert time.monotonic() < deadline, "undrained worker did not come back"
             await asyncio.sleep(0.05)
         assert await unified(d, [5, 6, 7], common_pb2.SamplingParams(max_tokens=2), "llama-3-8b")
+
+
+@pytest.mark.fault
+async def test_decode_worker_killed_mid_pull_leaves_no_handle_after_the_ttl(tmp_path: Path) -> None:
+    """The decode worker dies while pulling a large KV cache: it never releases the handle, so the
+    prefill worker frees it when the TTL passes, and stays healthy."""
+    bed = Testbed(tmp_path, shutdown_grace=5)
+    try:
+        # Real KV bytes of the simulated size: 2000 tokens of Llama-3-8B is 256 MiB, long enough to kill mid-way.
+        sim = ("--engine", "sim", "--model", "llama-3-8b", "--gpu-type", "H100-SXM", "--speedup", "1000",
+               "--sim-kv-bytes", "real")
+        prefill = bed.start("p", "prefill_svc", *sim, "--kv-handle-ttl", "3", "--kv-transports", "grpc")
+        decode = bed.start("d", "decode_svc", *sim)
+        prompt = [5 + i % 200 for i in range(2000)]
+        sampling = common_pb2.SamplingParams(max_tokens=4)
+        async with grpc.aio.insecure_channel(prefill.endpoint) as pc, grpc.aio.insecure_channel(decode.endpoint) as dc:
+            p = Stubs(pc)
+            reply = await p.prefill.Prefill(worker_pb2.PrefillRequest(
+                model="llama-3-8b", prompt_token_ids=prompt, sampling=sampling, kv_transports=["grpc"]), timeout=60)
+            assert reply.handle.nbytes >= 200 << 20
+            call = Stubs(dc).decode.Decode(worker_pb2.DecodeRequest(
+                model="llama-3-8b", prompt_token_ids=prompt, sampling=sampling, handle=reply.handle,
+                first_token_id=reply.first_token_id), timeout=60)
+            # Kill the decode worker as soon as the producer is streaming the payload to it.
+            await poll_load(p, lambda load: load.open_kv_handles == 1)
+            decode.kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in call:
+                    pass
+            assert (await p.worker.GetLoad(worker_pb2.GetLoadRequest())).open_kv_handles == 1
+            await poll_load(p, lambda load: load.open_kv_handles == 0, timeout=15)
+        from controlplane.supervisor import health_status
+
+        assert health_status(prefill.endpoint) == "SERVING"
+    finally:
+        assert not bed.close(), "children left running"
