@@ -29,7 +29,7 @@ class LoadTracker:
     """Latest Load per worker id. `sync()` from the event loop; `close()` safe twice."""
 
     def __init__(self, channels: ChannelPool, *, min_interval_ms: int = 50, max_interval_ms: int = 1000,
-                 on_update: Callable[[], None] = lambda: None) -> None:
+                 on_update: Callable[[str], None] = lambda worker_id: None) -> None:
         self.channels = channels
         self.min_interval_ms = min_interval_ms
         self.max_interval_ms = max_interval_ms
@@ -52,7 +52,7 @@ class LoadTracker:
     def forget(self, worker_id: str) -> None:
         """Drops a worker's figures now (it failed a request): it is unknown until its next report."""
         if self.loads.pop(worker_id, None) is not None:
-            self._on_update()
+            self._on_update(worker_id)
 
     async def close(self) -> None:
         tasks = [task for _, task in self._tasks.values()]
@@ -73,7 +73,7 @@ class LoadTracker:
             try:
                 async for report in call:
                     self.loads[worker_id] = load_from_pb(report, time.monotonic())
-                    self._on_update()
+                    self._on_update(worker_id)
                     backoff = 0.1
             except grpc.aio.AioRpcError as exc:
                 log.debug("load stream from %s broke: %s", worker_id, exc.code().name)
