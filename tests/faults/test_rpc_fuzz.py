@@ -154,7 +154,7 @@ def assert_healthy(fleet: Fleet, process: str) -> None:
     deadline = time.monotonic() + 10
     while (status := health_status(child.endpoint)) != "SERVING":
         assert time.monotonic() < deadline, f"{process} health is {status} after fuzzing"
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval
     normal_request(process, child.endpoint)
 
 

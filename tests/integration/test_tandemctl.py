@@ -50,7 +50,7 @@ def wait_for_fleet(endpoint: str, nodes: int, workers: int, timeout: float = 30)
             if reply.nodes == nodes and reply.workers == workers:
                 return
             assert time.monotonic() < deadline, f"fleet not visible: {reply}"
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval
 
 
 @pytest.fixture

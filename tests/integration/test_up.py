@@ -37,7 +37,7 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
         while not state_file.exists():
             assert up.poll() is None, (tmp_path / "up.log").read_text()
             assert time.monotonic() < deadline, "tandemctl up did not come up"
-            time.sleep(0.1)
+            time.sleep(0.1)  # poll interval
         state = json.loads(state_file.read_text())
         assert {"etcd", "agent", "controlplane", "prefill-0", "decode-0", "router"} <= set(state["pids"])
         generated = subprocess.run(
