@@ -38,6 +38,7 @@ from controlplane.fleet import gpu_index, gpu_problem
 from controlplane.health_policy import HealthTracker, Status, Thresholds, Transition, WorkerHealth
 from controlplane.keys import Keys, Kind
 from controlplane.records import encode
+from controlplane.runtime.settings import PeerTls
 from controlplane.view import RegistryView
 from tandem.v1 import registry_pb2
 
@@ -62,6 +63,7 @@ class Prober:
     def __init__(self, client: EtcdClient, keys: Keys, view: RegistryView, election: Election, *,
                  replica_id: str, interval: float = 2.0, timeout: float = 1.0,
                  thresholds: Thresholds | None = None, concurrency: int = 64,
+                 peer_tls: PeerTls | None = None,
                  on_probe: Callable[[float], None] | None = None,
                  on_verdict: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -79,6 +81,8 @@ class Prober:
         self._on_verdict = on_verdict
         self._clock = clock
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials = peer_tls.credentials() if peer_tls is not None else None
+        self._tls_options = peer_tls.options() if peer_tls is not None else ()
         self._endpoints: dict[str, str] = {}
         self._written: dict[str, _Written] = {}
         # Verdicts seen in the view (any writer), kept after their key vanishes: the
@@ -207,11 +211,16 @@ class Prober:
             # Reconnect backoff capped near the interval: a worker that comes back must be
             # seen as soon as it answers, not after gRPC's default two-minute backoff.
             backoff_ms = max(100, int(self.interval * 1000))
-            channel = grpc.aio.insecure_channel(endpoint, options=[
+            options = [
                 ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
                 ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
                 ("grpc.max_reconnect_backoff_ms", backoff_ms),
-            ])
+                *self._tls_options,
+            ]
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(endpoint, options=options)
             self._channels[endpoint] = channel
         return channel
 

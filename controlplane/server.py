@@ -169,7 +169,8 @@ async def serve(settings: ControlPlaneSettings) -> None:
         prober = Prober(client, keys, view, election, replica_id=settings.replica_id,
                         interval=settings.probe_interval, timeout=settings.probe_timeout,
                         thresholds=Thresholds(settings.failure_threshold, settings.success_threshold),
-                        concurrency=settings.probe_concurrency, on_probe=metrics.probe_seconds.observe,
+                        concurrency=settings.probe_concurrency, peer_tls=settings.peer_tls(),
+                        on_probe=metrics.probe_seconds.observe,
                         on_verdict=lambda status: metrics.verdicts.labels(status=status).inc())
         metrics.view_staleness.set_function(lambda: min(view.staleness(), 1e9))
         if settings.metrics_listen:
@@ -204,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_config(ControlPlaneSettings, argv, prog=PROG, section="controlplane",
                                description="Tandem control-plane replica: Admin API, leader election, health prober")
         settings.validate()
-    except ConfigError as exc:
+        settings.peer_tls()
+    except (ConfigError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(PROG, settings.log_level, settings.log_format)

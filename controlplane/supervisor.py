@@ -24,14 +24,19 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controlplane.runtime.settings import PeerTls
+
 
 class ProcessStartError(RuntimeError):
     """The child exited or never became SERVING; the message has its log tail."""
 
 
-def health_status(endpoint: str, service: str = "", timeout: float = 1.0) -> str:
-    """The grpc.health.v1 status name at `endpoint`, or the RPC error code name."""
-    with grpc.insecure_channel(endpoint) as channel:
+def health_status(endpoint: str, service: str = "", timeout: float = 1.0,
+                  tls: PeerTls | None = None) -> str:
+    """The grpc.health.v1 status name at `endpoint` (over TLS with `tls`), or the RPC error code name."""
+    channel = grpc.secure_channel(endpoint, tls.credentials(), options=tls.options()) if tls is not None \
+        else grpc.insecure_channel(endpoint)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -102,8 +107,8 @@ class ManagedProcess:
                 f"{self.log_tail()}"
             )
 
-    def wait_ready(self, timeout: float = 60.0, endpoint: str = "") -> dict[str, Any]:
-        """Wait for the ready file (if any), then health SERVING. Returns the ready info."""
+    def wait_ready(self, timeout: float = 60.0, endpoint: str = "", tls: PeerTls | None = None) -> dict[str, Any]:
+        """Wait for the ready file (if any), then health SERVING (checked over TLS with `tls`). Returns the info."""
         deadline = time.monotonic() + timeout
         if self.ready_path is not None:
             while not self.ready_path.exists():
@@ -123,7 +128,7 @@ class ManagedProcess:
                         f"{self.name} at {self.endpoint} not SERVING after {timeout}s (last: {status}):\n"
                         f"{self.log_tail()}"
                     )
-                status = health_status(self.endpoint)
+                status = health_status(self.endpoint, tls=tls)
                 if status != "SERVING":
                     time.sleep(0.05)
         return self.info

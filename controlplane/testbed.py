@@ -23,6 +23,7 @@ from pathlib import Path
 
 from controlplane.etcd_client import EtcdClient, EtcdSettings
 from controlplane.etcd_server import EtcdServer, start_cluster
+from controlplane.runtime.settings import PeerTls
 from controlplane.supervisor import ManagedProcess
 
 WORKER_MODULES = ("prefill_svc", "decode_svc")
@@ -57,10 +58,11 @@ class Testbed:
         return ",".join(member.endpoint for member in self.etcds)
 
     def start(self, name: str, module: str, *args: str, wait: bool = True, timeout: float = 120.0,
-              python: Sequence[str] = ()) -> ManagedProcess:
+              python: Sequence[str] = (), tls: PeerTls | None = None) -> ManagedProcess:
         """Starts `python -m module` with the bed's flags, then `args`; waits until it serves unless `wait`.
 
-        `python` replaces the interpreter prefix (to run a service under cProfile, say).
+        `python` replaces the interpreter prefix (to run a service under cProfile, say); `tls`
+        verifies a service that serves TLS while waiting for it.
         """
         argv = [*(python or [sys.executable, "-m", module]), "--etcd", self.etcd_endpoints,
                 "--listen", "127.0.0.1:0", "--lease-ttl", str(self.lease_ttl),
@@ -70,7 +72,7 @@ class Testbed:
         child = ManagedProcess(name, argv, log_dir=self.root / "logs").start()
         self.children[name] = child
         if wait:
-            child.wait_ready(timeout)
+            child.wait_ready(timeout, tls=tls)
         return child
 
     def workers(self) -> dict[str, ManagedProcess]:

@@ -100,10 +100,13 @@ class DecodeRole(WorkerRole):
     service_names = ("tandem.v1.Decode",)
 
     def __init__(self) -> None:
-        self.channels = ChannelPool()
+        self.channels: ChannelPool | None = None
 
     def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
+        # KV pulls from prefill workers go over TLS when --peer-ca-file is set.
+        self.channels = ChannelPool(ctx.settings.peer_tls())
         worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(ctx, self.channels), server)
 
     async def close(self) -> None:
-        await self.channels.close()
+        if self.channels is not None:
+            await self.channels.close()

@@ -77,8 +77,12 @@ class PrefillRole(WorkerRole):
         self.endpoint: list[str] = [""]
 
     def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
-        self.exporter = KvExporter(transports=ctx.settings.transports(), host=ctx.host,
-                                   default_ttl_s=ctx.settings.kv_handle_ttl)
+        transports = ctx.settings.transports()
+        if ctx.settings.tls_cert is not None and "tcp" in transports:
+            # The tcp transport's data socket is plaintext: a TLS worker moves KV over gRPC (or shm).
+            log.warning("TLS is on: the plaintext tcp KV transport is disabled")
+            transports = [t for t in transports if t != "tcp"]
+        self.exporter = KvExporter(transports=transports, host=ctx.host, default_ttl_s=ctx.settings.kv_handle_ttl)
         worker_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(ctx, self.exporter, self.endpoint), server)
         worker_pb2_grpc.add_KvSourceServicer_to_server(self.exporter.servicer, server)
 

@@ -57,7 +57,8 @@ async def serve(settings: RouterSettings) -> int:
     metrics_endpoint = MetricsEndpoint(settings.metrics_listen) if settings.metrics_listen else None
     client = EtcdClient(settings.etcd_settings())
     await client.connect()
-    channels = ChannelPool()
+    tls = settings.peer_tls()
+    channels = ChannelPool(tls)
     view = LiveView(client, settings.keys(), channels)
     policy = create_policy(settings.policy, config=PolicyConfig(
         local_prefill_max_prompt_tokens=settings.local_prefill_max_prompt_tokens,
@@ -65,12 +66,12 @@ async def serve(settings: RouterSettings) -> int:
     pipeline = Pipeline(view, policy, channels, PipelineConfig(
         capacity_wait_s=settings.capacity_wait_s, max_attempts=settings.max_attempts,
         stall_timeout_s=settings.stall_timeout_s, suspect_s=settings.suspect_s,
-        kv_transports=tuple(t.strip() for t in settings.kv_transports.split(",") if t.strip())))
+        kv_transports=kv_transports(settings.kv_transports, tls_to_workers=tls is not None)))
     catalog = ModelCatalog(parse_tokenizer_map(settings.tokenizer), default_max_tokens=settings.default_max_tokens,
                            default_max_output_tokens=settings.max_output_tokens)
-    tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
+    server_tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert and settings.tls_key else None
-    service = GrpcService(settings.listen, service_names=["tandem.v1.Inference"], tls=tls)
+    service = GrpcService(settings.listen, service_names=["tandem.v1.Inference"], tls=server_tls)
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(view, pipeline, catalog, RouterMetrics()), service.server)
     stop = asyncio.Event()
@@ -96,11 +97,19 @@ async def serve(settings: RouterSettings) -> int:
     return 0
 
 
+def kv_transports(setting: str, *, tls_to_workers: bool) -> tuple[str, ...]:
+    """The KV transports to ask prefill workers for. With TLS between services the raw `tcp` data
+    socket (plaintext) is left out: KV moves over the TLS gRPC stream, or shared memory on one host."""
+    names = tuple(t.strip() for t in setting.split(",") if t.strip())
+    return tuple(t for t in names if t != "tcp") if tls_to_workers else names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_config(RouterSettings, argv, prog="tandem-router", section="router",
                                description="Tandem router: the public Inference API")
         parse_tokenizer_map(settings.tokenizer)
+        settings.peer_tls()
     except (ConfigError, ValueError) as exc:
         print(f"tandem-router: {exc}", file=sys.stderr)
         return 2

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from controlplane.runtime.settings import PeerTls
 
 CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -26,19 +31,22 @@ CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
 
 
 class ChannelPool:
-    """Insecure or TLS channels by endpoint. Use from one event loop; close() is safe twice."""
+    """Plaintext or TLS (`tls`) channels by endpoint. Use from one event loop; close() is safe twice."""
 
-    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self._credentials = credentials
+    def __init__(self, tls: PeerTls | None = None,
+                 extra_options: Sequence[tuple[str, str | int]] = ()) -> None:
+        self.tls = tls
+        self._credentials = tls.credentials() if tls is not None else None
+        self._options = [*CLIENT_OPTIONS, *(tls.options() if tls is not None else ()), *extra_options]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
             if self._credentials is not None:
-                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=CLIENT_OPTIONS)
+                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
             else:
-                channel = grpc.aio.insecure_channel(endpoint, options=CLIENT_OPTIONS)
+                channel = grpc.aio.insecure_channel(endpoint, options=self._options)
             self._channels[endpoint] = channel
         return channel
 

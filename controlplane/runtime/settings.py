@@ -16,6 +16,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from controlplane.etcd_client import EtcdSettings
 from controlplane.keys import DEFAULT_PREFIX, Keys
 
@@ -47,6 +49,13 @@ class CommonSettings:
     ready_file: Path | None = field(default=None, metadata={
         "help": "write JSON with the bound endpoints here once serving (supervisors wait for it)"})
     shutdown_grace: float = field(default=15.0, metadata={"help": "seconds to finish in-flight work on stop"})
+    peer_ca_file: Path | None = field(default=None, metadata={
+        "help": "CA bundle to verify other Tandem services this process calls (enables TLS to workers)"})
+    peer_cert_file: Path | None = field(default=None, metadata={
+        "help": "client certificate presented to other Tandem services (mutual TLS)"})
+    peer_key_file: Path | None = field(default=None, metadata={"help": "private key of --peer-cert-file"})
+    peer_tls_server_name: str = field(default="", metadata={
+        "help": "certificate name to verify on other Tandem services (one shared name for a fleet)"})
 
     def etcd_settings(self) -> EtcdSettings:
         return EtcdSettings.parse(
@@ -62,3 +71,33 @@ class CommonSettings:
 
     def keys(self) -> Keys:
         return Keys(self.etcd_prefix)
+
+    def peer_tls(self) -> PeerTls | None:
+        """How to call other Tandem services (workers): None for plaintext."""
+        if self.peer_ca_file is None:
+            if self.peer_cert_file or self.peer_key_file:
+                raise ValueError("--peer-cert-file and --peer-key-file need --peer-ca-file (TLS to other services)")
+            return None
+        if bool(self.peer_cert_file) != bool(self.peer_key_file):
+            raise ValueError("--peer-cert-file and --peer-key-file go together")
+        return PeerTls(self.peer_ca_file, self.peer_cert_file, self.peer_key_file, self.peer_tls_server_name)
+
+
+@dataclass(frozen=True)
+class PeerTls:
+    """TLS for calls between Tandem processes (router -> workers, decode -> prefill, prober -> workers)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+
+    def options(self) -> tuple[tuple[str, str], ...]:
+        return (("grpc.ssl_target_name_override", self.server_name),) if self.server_name else ()
