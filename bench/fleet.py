@@ -27,6 +27,7 @@ confirm, and, last, the ratios. Not a pass/fail test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import tomllib
@@ -38,14 +39,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, percentile, print_header, table
 from _fleet_sim import FleetSim, WorkerSpec, Workload, poisson_arrivals
 
-from engine.sim import RooflineParams, get_profile, gpu_set, kv_capacity_blocks, prefill_seconds
+from engine.sim import ModelProfile, RooflineParams, get_profile, gpu_set, kv_capacity_blocks, prefill_seconds
 from router_svc.candidates import Role
 from router_svc.costmodel import CostConfig, CostModel
 from router_svc.policy import PolicyConfig, create_policy
 
 PRICES = ROOT / "engine" / "data" / "prices.toml"
 MODEL = "llama-3-70b"
-TPS = (2, 4, 8)
+# Tensor-parallel degrees tried; TP1 joins with --weights fp8 (70 GB of weights fit one 80 GB GPU).
+TPS = [2, 4, 8]
+# Weight bytes per parameter: 2 (bf16) or 1 (fp8; compute is still charged at the bf16 rate).
+WEIGHT_BYTES = 2.0
+
+
+def model_profile() -> ModelProfile:
+    """The simulated model, with the weight precision chosen by --weights."""
+    return dataclasses.replace(get_profile(MODEL), dense_weight_bytes=WEIGHT_BYTES)
 # KV moved between workers: NVLink/NVSwitch inside a node (NIXL-class
 # transfer), one 200 Gb/s-class RDMA path between nodes.
 SAME_HOST_KV = 100e9
@@ -114,7 +123,7 @@ class Fleet:
 def _fits(role: Role, gpu_type: str, tp: int, workload: Workload) -> bool:
     """Prefill workers need room for two prompts; decoding ones for 16 whole requests."""
     try:
-        blocks = kv_capacity_blocks(gpu_set(gpu_type, tp), get_profile(MODEL), 16, PARAMS)
+        blocks = kv_capacity_blocks(gpu_set(gpu_type, tp), model_profile(), 16, PARAMS)
     except Exception:
         return False
     need = 2 * workload.input_tokens if role is Role.PREFILL else 16 * (workload.input_tokens + workload.output_tokens)
@@ -157,7 +166,7 @@ class Result:
 def _run(fleet: Fleet, rate: float, workload: Workload, requests: int, seed: int) -> tuple[float, float, float]:
     import random
 
-    profile = get_profile(MODEL)
+    profile = model_profile()
     policy = create_policy("expected-time", cost=CostModel(config=CostConfig(
         same_host_kv_bytes_per_s=SAME_HOST_KV, cross_host_kv_bytes_per_s=CROSS_HOST_KV)), config=PolicyConfig())
     sim = FleetSim(fleet.specs(), profile, PARAMS, policy, workload, same_host_kv_bytes_per_s=SAME_HOST_KV,
@@ -173,7 +182,7 @@ def _run(fleet: Fleet, rate: float, workload: Workload, requests: int, seed: int
 
 def goodput(fleet: Fleet, workload: Workload, requests: int, seed: int, steps: int) -> Result:
     """The highest rate (req/s) meeting the attainment target: geometric bracket, then bisection."""
-    profile = get_profile(MODEL)
+    profile = model_profile()
     capacity = 0.0
     for pool in fleet.pools:
         if pool.role is not Role.DECODE or len(fleet.pools) == 1:
@@ -231,7 +240,14 @@ def main() -> None:
     parser.add_argument("--prices", type=Path, default=PRICES, help=f"GPU price file (default {PRICES})")
     parser.add_argument("--requests", type=int, default=0, help="requests per simulated run (default 500; quick 250)")
     parser.add_argument("--seed", type=int, default=1, help="arrival and length seed (the same for every fleet)")
+    parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                        help="weight precision: fp8 halves weight bytes, so 1-GPU prefill workers and more "
+                             "prefill:decode splits fit (compute stays at the bf16 rate)")
     args = parser.parse_args()
+    global WEIGHT_BYTES
+    if args.weights == "fp8":
+        WEIGHT_BYTES = 1.0
+        TPS.insert(0, 1)
     requests = args.requests or (250 if args.quick else 500)
     steps = 3 if args.quick else 5
     chunks = (2048,) if args.quick else (8192, 2048)
@@ -243,14 +259,16 @@ def main() -> None:
         if gpu not in prices:
             sys.exit(f"fleet.py: {args.prices} has no price for {gpu}")
     workload = Workload()
-    profile = get_profile(MODEL)
+    profile = model_profile()
     started = time.monotonic()
 
-    print_header(f"fleet goodput: {MODEL} on simulated GPUs, {requests} requests per run, seed {args.seed}")
+    print_header(f"fleet goodput: {MODEL} ({args.weights} weights) on simulated GPUs, {requests} requests per run, "
+                 f"seed {args.seed}")
     print("assumptions:")
     for line in [profile.describe(), workload.describe(), *PARAMS.describe(),
                  "every roofline step is max(FLOPs / compute, bytes / bandwidth); no fixed per-step overhead",
-                 "a worker spans 2, 4 or 8 GPUs (tensor parallel) at the same tp_efficiency whatever the degree "
+                 f"a worker spans {', '.join(map(str, TPS))} GPUs (tensor parallel) at the same tp_efficiency "
+                 "whatever the degree "
                  "(so TP8 is not penalised against TP4); shapes with KV room for fewer than 16 requests "
                  "(decoding) or 2 prompts (prefill) are skipped",
                  "a step that mixes a prefill chunk with decode tokens costs max(FLOPs, bytes) of the sum: decode "
