@@ -323,3 +323,27 @@ async def test_stalled_decode_worker_is_migrated_away_from(factory: Factory) -> 
             frozen.send(signal.SIGCONT)
         assert tokens == expected
         assert last.route.migrations >= 1
+
+
+async def test_router_replicas_share_nothing_but_etcd_and_workers(factory: Factory) -> None:
+    """Two routers side by side serve the same workers; losing one leaves the other serving."""
+    sim = (*SIM, "--speedup", "1000")
+    factory.start("p0", "prefill_svc", *sim)
+    factory.start("d0", "decode_svc", *sim)
+    first = factory.start("router-a", "router_svc", "--local-prefill-max-prompt-tokens", "4")
+    second = factory.start("router-b", "router_svc", "--local-prefill-max-prompt-tokens", "4")
+    request = inference_pb2.GenerateRequest(model="llama-3-8b", prompt="the same prompt, either router",
+                                            sampling=common_pb2.SamplingParams(max_tokens=12, ignore_eos=True))
+    answers = []
+    for router in (first, second):
+        channel, stub = inference(router)
+        async with channel:
+            await wait_models(stub, "llama-3-8b", 1, 1)
+            answers.append(await stub.Complete(request, timeout=30))
+    assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 12
+    assert {a.route.prefill_worker_id for a in answers} == {"p0"}
+    first.kill()
+    channel, stub = inference(second)
+    async with channel:
+        again = await stub.Complete(request, timeout=30)
+    assert again.token_ids == answers[0].token_ids
