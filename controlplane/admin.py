@@ -24,7 +24,6 @@ import grpc
 from controlplane import fleet
 from controlplane.etcd_client import EtcdUnavailable
 from controlplane.keys import Kind, check_name
-from controlplane.records import SCHEMA_VERSION
 from controlplane.registry import Registry
 from controlplane.runtime.text import cap, clip
 from controlplane.view import RegistryView
@@ -196,7 +195,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if existing is not None:
             return admin_pb2.DrainWorkerResponse(intent=existing.record)
         intent = await self.registry.set_drain(worker_id, self._requested_by(context), reason)
-        intent.schema_version = SCHEMA_VERSION  # as stored
         return admin_pb2.DrainWorkerResponse(intent=intent)
 
     @_statuses
@@ -220,7 +218,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if existing is not None:
             return admin_pb2.CordonNodeResponse(intent=existing.record)
         intent = await self.registry.set_cordon(node, self._requested_by(context), reason)
-        intent.schema_version = SCHEMA_VERSION  # as stored
         return admin_pb2.CordonNodeResponse(intent=intent)
 
     @_statuses
