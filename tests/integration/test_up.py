@@ -55,6 +55,16 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
         left = {name: pid for name, pid in state["pids"].items() if alive(pid)}
         assert not left, f"processes left running after Ctrl-C: {left}"
     finally:
+        # On a failure above, still leave nothing behind: Ctrl-C first (it stops its children in
+        # order), then SIGKILL whatever up.json says is left (each child runs in its own session).
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+        if (state_dir / "up.json").exists():
+            for pid in json.loads((state_dir / "up.json").read_text())["pids"].values():
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
         log.close()
