@@ -31,7 +31,6 @@ import grpc
 from router_svc.client_aio import AsyncTandemClient
 from router_svc.client_errors import TandemError, error_from_rpc
 from router_svc.client_types import (
-    CHANNEL_OPTIONS,
     Chunk,
     Completion,
     Deadline,
@@ -41,8 +40,8 @@ from router_svc.client_types import (
     RetryPolicy,
     SamplingArgs,
     build_request,
-    channel_credentials,
     chunk_from_pb,
+    client_channels,
     completion_from_pb,
     models_from_pb,
 )
@@ -77,17 +76,11 @@ class TandemClient:
         are PEM bytes or file paths. `timeout`: default seconds per call (None:
         no deadline). `metadata`: sent with every call.
         """
-        self.targets = [targets] if isinstance(targets, str) else list(targets)
-        if not self.targets:
-            raise ValueError("at least one target (host:port) is required")
-        creds = channel_credentials(
-            tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain, private_key=private_key
-        )
-        opts = [*CHANNEL_OPTIONS, *options]
-        self._channels = [
-            grpc.secure_channel(t, creds, options=opts) if creds else grpc.insecure_channel(t, options=opts)
-            for t in self.targets
-        ]
+        self.targets, self._channels = client_channels(
+            targets, tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, options=options,
+            make=lambda t, creds, opts: grpc.secure_channel(t, creds, options=opts) if creds
+            else grpc.insecure_channel(t, options=opts))
         self._stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in self._channels]
         self.timeout = timeout
         self.metadata = tuple(metadata)

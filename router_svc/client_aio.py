@@ -25,7 +25,6 @@ import grpc.aio
 
 from router_svc.client_errors import error_from_rpc
 from router_svc.client_types import (
-    CHANNEL_OPTIONS,
     Chunk,
     Completion,
     Deadline,
@@ -35,8 +34,8 @@ from router_svc.client_types import (
     RetryPolicy,
     SamplingArgs,
     build_request,
-    channel_credentials,
     chunk_from_pb,
+    client_channels,
     completion_from_pb,
     models_from_pb,
 )
@@ -63,17 +62,11 @@ class AsyncTandemClient:
         rng: random.Random | None = None,
     ) -> None:
         """Arguments as for `TandemClient`."""
-        self.targets = [targets] if isinstance(targets, str) else list(targets)
-        if not self.targets:
-            raise ValueError("at least one target (host:port) is required")
-        creds = channel_credentials(
-            tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain, private_key=private_key
-        )
-        opts = [*CHANNEL_OPTIONS, *options]
-        self._channels = [
-            grpc.aio.secure_channel(t, creds, options=opts) if creds else grpc.aio.insecure_channel(t, options=opts)
-            for t in self.targets
-        ]
+        self.targets, self._channels = client_channels(
+            targets, tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, options=options,
+            make=lambda t, creds, opts: grpc.aio.secure_channel(t, creds, options=opts) if creds
+            else grpc.aio.insecure_channel(t, options=opts))
         self._stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in self._channels]
         self.timeout = timeout
         self.metadata = tuple(metadata)

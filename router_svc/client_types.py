@@ -9,10 +9,10 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import grpc
 
@@ -268,28 +268,41 @@ def _route(msg: inference_pb2.RouteInfo) -> Route:
                  msg.retries)
 
 
+def _answer_fields(msg: inference_pb2.GenerateResponse | inference_pb2.CompleteResponse) -> dict[str, Any]:
+    """The fields GenerateResponse and CompleteResponse share, as Chunk / Completion arguments."""
+    return {
+        "request_id": msg.request_id,
+        "text": msg.text,
+        "token_ids": tuple(msg.token_ids),
+        "finish_reason": _FINISH.get(msg.finish_reason),
+        "usage": _usage(msg.usage) if msg.HasField("usage") else None,
+        "timings": _timings(msg.timings) if msg.HasField("timings") else None,
+        "route": _route(msg.route) if msg.HasField("route") else None,
+    }
+
+
 def chunk_from_pb(msg: inference_pb2.GenerateResponse) -> Chunk:
-    return Chunk(
-        request_id=msg.request_id,
-        text=msg.text,
-        token_ids=tuple(msg.token_ids),
-        finish_reason=_FINISH.get(msg.finish_reason),
-        usage=_usage(msg.usage) if msg.HasField("usage") else None,
-        timings=_timings(msg.timings) if msg.HasField("timings") else None,
-        route=_route(msg.route) if msg.HasField("route") else None,
-    )
+    return Chunk(**_answer_fields(msg))
 
 
 def completion_from_pb(msg: inference_pb2.CompleteResponse) -> Completion:
-    return Completion(
-        request_id=msg.request_id,
-        text=msg.text,
-        token_ids=tuple(msg.token_ids),
-        finish_reason=_FINISH.get(msg.finish_reason),
-        usage=_usage(msg.usage) if msg.HasField("usage") else None,
-        timings=_timings(msg.timings) if msg.HasField("timings") else None,
-        route=_route(msg.route) if msg.HasField("route") else None,
+    return Completion(**_answer_fields(msg))
+
+
+def client_channels(targets: str | Sequence[str], *, tls: bool | None, root_certificates: PemSource | None,
+                    certificate_chain: PemSource | None, private_key: PemSource | None,
+                    options: Sequence[tuple[str, str | int]],
+                    make: Callable[[str, grpc.ChannelCredentials | None, list[tuple[str, Any]]], Any],
+                    ) -> tuple[list[str], list[Any]]:
+    """(targets, channels) for the sync and async clients; `make(target, credentials or None, options)`."""
+    target_list = [targets] if isinstance(targets, str) else list(targets)
+    if not target_list:
+        raise ValueError("at least one target (host:port) is required")
+    creds = channel_credentials(
+        tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain, private_key=private_key
     )
+    opts = [*CHANNEL_OPTIONS, *options]
+    return target_list, [make(t, creds, opts) for t in target_list]
 
 
 def models_from_pb(msg: inference_pb2.ListModelsResponse) -> list[ModelInfo]:
