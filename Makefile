@@ -41,9 +41,11 @@ test-all: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
+# ruff, mypy, and the layer contract in pyproject.toml ([tool.importlinter]).
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 # Benchmarks print a table with a ratio against a baseline measured in the same run.
 bench: $(STAMP)

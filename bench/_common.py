@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from controlplane.testbed import Testbed
+from tests.support.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "protos"):

@@ -16,7 +16,7 @@ a. 8 x H100-SXM: aggregated (every worker prefills and decodes; chunk sizes
    70B bf16 weights (141 GB) need tensor parallelism: a worker spans 2, 4 or
    8 GPUs, and only shapes whose KV cache is big enough are tried.
    Published anchor: Dynamo reports +30% throughput per GPU on one node.
-b. At equal hourly cost (engine/data/prices.toml, or --prices): H100
+b. At equal hourly cost (runtime/data/prices.toml, or --prices): H100
    prefill + A100-80GB decode against all-H100 and all-A100 (best shape of
    each). Published anchor: Splitwise, up to 1.4x throughput at 20% lower cost.
 
@@ -44,7 +44,7 @@ from router_svc.candidates import Role
 from router_svc.costmodel import CostConfig, CostModel
 from router_svc.policy import PolicyConfig, create_policy
 
-PRICES = ROOT / "engine" / "data" / "prices.toml"
+PRICES = ROOT / "runtime" / "data" / "prices.toml"
 MODEL = "llama-3-70b"
 # Tensor-parallel degrees tried; TP1 joins with --weights fp8 (70 GB of weights fit one 80 GB GPU).
 TPS = [2, 4, 8]

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import SIM_8B, percentile, print_header, table, testbed
 
-from controlplane.testbed import Testbed
+from tests.support.testbed import Testbed
 
 MODEL = "llama-3-8b"
 TRIAL_TTL = 2
@@ -114,9 +114,9 @@ class Traffic:
 
 
 async def _lifecycle(factory: Testbed, trials: int) -> dict[str, list[float]]:
-    from controlplane.etcd_client import EtcdClient, EtcdSettings
-    from controlplane.keys import Keys, Kind
-    from controlplane.view import RegistryView
+    from registry.etcd_client import EtcdClient, EtcdSettings
+    from registry.keys import Keys, Kind
+    from registry.view import RegistryView
     from tandem.v1 import registry_pb2
 
     sim = (*SIM_8B, "--speedup", "1000")
@@ -192,10 +192,10 @@ def _registrants(conn, endpoint: str, first: int, count: int) -> None:
 
 
 async def _hold_sessions(conn, endpoint: str, first: int, count: int) -> None:
-    from controlplane.etcd_client import EtcdClient, EtcdSettings
-    from controlplane.keys import Keys
-    from controlplane.registry import Registry
-    from controlplane.session import LeaseSession
+    from registry.etcd_client import EtcdClient, EtcdSettings
+    from registry.keys import Keys
+    from registry.session import LeaseSession
+    from registry.store import Registry
     from tandem.v1 import common_pb2, registry_pb2
 
     loop = asyncio.get_running_loop()

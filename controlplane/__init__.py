@@ -1,3 +1,2 @@
-"""Tandem control plane: registry client, node agent, control-plane server, tandemctl."""
-
-__version__ = "0.1.0"
+"""Tandem control plane: node agent, control-plane server (election, health prober,
+Admin API), tandemctl and the local factory (`tandemctl up`)."""

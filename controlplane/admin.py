@@ -3,7 +3,7 @@
 Reads come from this replica's RegistryView, so they keep working (from the
 last view, with FleetStatus.view_staleness_s saying how old) while etcd is
 briefly away; they are UNAVAILABLE only before the view first loaded.
-Mutations go to etcd through controlplane.registry and are UNAVAILABLE,
+Mutations go to etcd through registry.store and are UNAVAILABLE,
 naming the etcd endpoints, when it does not answer. Bad names and values are
 INVALID_ARGUMENT naming the field. Authorization is the interceptor's job
 (controlplane.auth), not this module's.
@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import grpc
 
 from controlplane import fleet
-from controlplane.etcd_client import EtcdUnavailable
-from controlplane.keys import Kind, check_name
-from controlplane.registry import Registry
-from controlplane.runtime.text import cap, clip
-from controlplane.view import RegistryView
+from registry.election import leader_entry
+from registry.etcd_client import EtcdUnavailable
+from registry.keys import Kind, check_name
+from registry.store import Registry
+from registry.view import RegistryView
+from runtime.text import cap, clip
 from tandem.v1 import admin_pb2, admin_pb2_grpc, common_pb2, registry_pb2
 
 Req = TypeVar("Req")
@@ -101,7 +102,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def FleetStatus(self, request: admin_pb2.FleetStatusRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.FleetStatusResponse:
         reply = fleet.fleet_status(await self._snapshot(context))
-        leader = fleet.leader_entry(self.view.entries(Kind.ELECTION).values())
+        leader = leader_entry(self.view.entries(Kind.ELECTION).values())
         if leader is not None:
             reply.leader.CopyFrom(leader.record)
         reply.answered_by = self.replica_id

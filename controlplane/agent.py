@@ -38,18 +38,19 @@ from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from controlplane import __version__
-from controlplane.etcd_client import EtcdClient
 from controlplane.inventory import Inventory, NvmlReader, summarize
-from controlplane.keys import check_name
-from controlplane.registry import Registry
-from controlplane.runtime.config import ConfigError, load_config
-from controlplane.runtime.logs import configure_logging
-from controlplane.runtime.metrics import MetricsEndpoint
-from controlplane.runtime.server import announce_ready, install_stop_signals
-from controlplane.runtime.settings import CommonSettings, default_node_name
-from controlplane.session import LeaseSession
 from controlplane.simulated_gpus import SimulatedGpusError, simulated_gpus
+from registry.etcd_client import EtcdClient
+from registry.keys import check_name
+from registry.session import LeaseSession
+from registry.settings import CommonSettings
+from registry.store import Registry
+from runtime import __version__
+from runtime.config import ConfigError, load_config
+from runtime.logs import configure_logging
+from runtime.metrics import MetricsEndpoint
+from runtime.peers import default_node_name
+from runtime.server import announce_ready, install_stop_signals
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger("controlplane.agent")

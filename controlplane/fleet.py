@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.keys import KeyRef, Kind
-from controlplane.records import Entry
+from registry.keys import KeyRef, Kind
 from tandem.v1 import admin_pb2, common_pb2, registry_pb2
 
 UNKNOWN_MODEL = "unknown"
@@ -197,11 +196,6 @@ def fleet_status(snapshot: Snapshot) -> admin_pb2.FleetStatusResponse:
             w.state == registry_pb2.WORKER_STATE_DRAINING or w.worker_id in snapshot.drains for w in workers),
         workers_not_serving=sum(_not_serving(snapshot, w.worker_id) for w in workers),
     )
-
-
-def leader_entry(candidates: Iterable[Entry]) -> Entry | None:
-    """The election winner: the candidacy with the lowest create_revision (ties by name)."""
-    return min(candidates, key=lambda e: (e.create_revision, e.name), default=None)
 
 
 def lease_holder(refs: Iterable[KeyRef], leaders: Mapping[str, registry_pb2.LeaderRecord],

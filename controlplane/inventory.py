@@ -28,7 +28,7 @@ from controlplane.gpu_health import (
     classify_health,
     describe_xid,
 )
-from engine.catalog import GpuCatalog, default_catalog
+from runtime.catalog import GpuCatalog, default_catalog
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from controlplane.etcd_server import EtcdServer
-from controlplane.runtime.settings import default_node_name
 from controlplane.simulated_gpus import simulated_gpus
 from controlplane.supervisor import ManagedProcess
-from engine.catalog import GpuCatalog, default_catalog
+from runtime.catalog import GpuCatalog, default_catalog
+from runtime.peers import default_node_name
 
 # Share of a simulated fleet's GPUs that prefill: prompt work is heavy per
 # request but short; most GPUs decode. 1/3 is a common starting ratio.

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.election import Election
-from controlplane.etcd_client import EtcdClient, EtcdUnavailable
 from controlplane.fleet import gpu_index, gpu_problem
 from controlplane.health_policy import HealthTracker, Status, Thresholds, Transition, WorkerHealth
-from controlplane.keys import Keys, Kind
-from controlplane.records import encode
-from controlplane.runtime.settings import PeerTls
-from controlplane.view import RegistryView
+from registry.election import Election
+from registry.etcd_client import EtcdClient, EtcdUnavailable
+from registry.keys import Keys, Kind
+from registry.records import encode
+from registry.view import RegistryView
+from runtime.peers import PeerTls
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)

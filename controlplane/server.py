@@ -3,7 +3,7 @@
     python -m controlplane.server --etcd 127.0.0.1:2379 --listen 0.0.0.0:7070
 
 Any number of replicas may run; all serve the Admin API from their own
-registry view, and the one elected leader (controlplane.election) runs the
+registry view, and the one elected leader (registry.election) runs the
 health prober. Lifecycle: come up even while etcd is down (reads answer
 once the view loads, leadership once a lease is granted); on SIGTERM or
 SIGINT: health NOT_SERVING, stop probing, resign and revoke the lease (so
@@ -27,24 +27,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controlplane.admin import AdminServicer
 from controlplane.auth import BearerTokenInterceptor, load_token
-from controlplane.election import Election
-from controlplane.etcd_client import EtcdClient
 from controlplane.health_policy import MAX_THRESHOLD, Thresholds
 from controlplane.prober import Prober
-from controlplane.registry import Registry
-from controlplane.runtime.config import ConfigError, load_config
-from controlplane.runtime.logs import configure_logging
-from controlplane.runtime.metrics import MetricsEndpoint
-from controlplane.runtime.server import (
+from registry.election import Election
+from registry.etcd_client import EtcdClient
+from registry.session import LeaseSession
+from registry.settings import CommonSettings
+from registry.store import Registry
+from registry.view import RegistryView
+from runtime.config import ConfigError, load_config
+from runtime.logs import configure_logging
+from runtime.metrics import MetricsEndpoint
+from runtime.server import (
     GrpcService,
     TlsFiles,
     advertised_endpoint,
     announce_ready,
     install_stop_signals,
 )
-from controlplane.runtime.settings import CommonSettings
-from controlplane.session import LeaseSession
-from controlplane.view import RegistryView
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("controlplane.server")  # not "__main__" under python -m

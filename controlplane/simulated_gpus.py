@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.keys import check_name
-from engine.catalog import GpuCatalog, GpuModel, default_catalog
+from registry.keys import check_name
+from runtime.catalog import GpuCatalog, GpuModel, default_catalog
 from tandem.v1 import registry_pb2
 
 MAX_PER_TYPE = 64

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.runtime.settings import PeerTls
+from runtime.peers import PeerTls
 
 
 class ProcessStartError(RuntimeError):

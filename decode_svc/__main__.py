@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from decode_svc.servicer import DecodeRole
-from engine.serving.process import main_for
+from worker.process import main_for
 
 
 def main() -> int:

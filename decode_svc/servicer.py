@@ -17,16 +17,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from controlplane.runtime.channels import ChannelPool
-from controlplane.runtime.logs import request_scope
 from engine.base import DecodeRequest, InvalidRequest, KvBlob
 from engine.kv.exporter import fetch_kv
 from engine.kv.layout import layout_from_proto
-from engine.serving.coalesce import coalesced
-from engine.serving.convert import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
-from engine.serving.errors import rpc_errors
-from engine.serving.process import WorkerContext, WorkerRole
+from runtime.channels import ChannelPool
+from runtime.logs import request_scope
+from runtime.sampling import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.coalesce import coalesced
+from worker.errors import rpc_errors
+from worker.process import WorkerContext, WorkerRole
 
 log = logging.getLogger(__name__)
 

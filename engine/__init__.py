@@ -1,1 +1,2 @@
-"""Tandem engines: the Engine interface, its backends, KV transports and the GPU catalog."""
+"""Tandem engines: the Engine interface, its backends (torch, sim), tokenizers
+and KV transports (engine/kv). Imports no registry, worker or service code."""

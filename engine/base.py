@@ -36,15 +36,14 @@ import dataclasses
 import importlib
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
+
+# Requests carry these shared value types; they are part of the Engine interface.
+from runtime.sampling import FinishReason, InvalidRequest, Sampling  # noqa: F401
 
 
 class EngineError(RuntimeError):
     """A failure of the engine itself (load failed, out of memory...)."""
-
-
-class InvalidRequest(ValueError):
-    """The request cannot be served as given; the message names the field."""
 
 
 class KvMismatch(ValueError):
@@ -53,50 +52,6 @@ class KvMismatch(ValueError):
 
 class CapacityExhausted(RuntimeError):
     """No KV blocks or batch slots now; the caller may retry elsewhere or later."""
-
-
-class FinishReason:
-    """Why a sequence ended (mirrors tandem.v1.FinishReason names)."""
-
-    LENGTH = "length"
-    STOP_TOKEN = "stop_token"
-    STOP_STRING = "stop_string"
-    CANCELLED = "cancelled"
-    CONTEXT_FULL = "context_full"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Validated sampling settings. Build with `Sampling.create(...)`, which checks ranges."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @classmethod
-    def create(cls, *, max_output_tokens: int = 8192, **values: Any) -> Sampling:
-        """Checks every range; raises InvalidRequest naming the field and the allowed range."""
-        sampling = cls(**values)
-        if not 1 <= sampling.max_tokens <= max_output_tokens:
-            raise InvalidRequest(f"max_tokens must be 1..{max_output_tokens}, got {sampling.max_tokens}")
-        if not sampling.temperature >= 0.0 or sampling.temperature != sampling.temperature:
-            raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
-        if not 0.0 < sampling.top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-        if sampling.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {sampling.top_k}")
-        if any(not s for s in sampling.stop):
-            raise InvalidRequest("stop strings must not be empty")
-        return sampling
 
 
 @dataclass(frozen=True)

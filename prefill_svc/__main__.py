@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from engine.serving.process import main_for
 from prefill_svc.servicer import PrefillRole
+from worker.process import main_for
 
 
 def main() -> int:

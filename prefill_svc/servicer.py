@@ -13,13 +13,13 @@ import uuid
 
 import grpc
 
-from controlplane.runtime.logs import request_scope
 from engine.base import PrefillRequest
 from engine.kv.exporter import KvExporter
-from engine.serving.convert import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
-from engine.serving.errors import rpc_errors
-from engine.serving.process import WorkerContext, WorkerRole
+from runtime.logs import request_scope
+from runtime.sampling import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.errors import rpc_errors
+from worker.process import WorkerContext, WorkerRole
 
 log = logging.getLogger(__name__)
 

@@ -10,19 +10,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.etcd_client import EtcdClient
-from controlplane.runtime.channels import ChannelPool
-from controlplane.runtime.config import ConfigError, load_config
-from controlplane.runtime.logs import configure_logging
-from controlplane.runtime.metrics import MetricsEndpoint
-from controlplane.runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
-from controlplane.runtime.settings import CommonSettings
+from registry.etcd_client import EtcdClient
+from registry.settings import CommonSettings
 from router_svc.live_view import LiveView
 from router_svc.metrics import RouterMetrics
 from router_svc.models import ModelCatalog, parse_tokenizer_map
 from router_svc.pipeline import Pipeline, PipelineConfig
 from router_svc.policy import DEFAULT_POLICY, PolicyConfig, create_policy
 from router_svc.servicer import InferenceServicer
+from runtime.channels import ChannelPool
+from runtime.config import ConfigError, load_config
+from runtime.logs import configure_logging
+from runtime.metrics import MetricsEndpoint
+from runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
 from tandem.v1 import inference_pb2_grpc
 
 log = logging.getLogger("router_svc")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.catalog import GpuCatalog, GpuModel, default_catalog
 from router_svc.candidates import Candidate
+from runtime.catalog import GpuCatalog, GpuModel, default_catalog
 
 # For workers whose gpu_type is empty or not in the catalog (CPU test
 # workers, new parts): a modest GPU, so a known fast part wins over it and a

@@ -19,13 +19,13 @@ import contextlib
 import logging
 import time
 
-from controlplane.etcd_client import EtcdClient
-from controlplane.keys import Keys, Kind
-from controlplane.runtime.channels import ChannelPool
-from controlplane.view import RegistryView
+from registry.etcd_client import EtcdClient
+from registry.keys import Keys, Kind
+from registry.view import RegistryView
 from router_svc.candidates import Candidate, FleetView
 from router_svc.candidates_pb import candidate_from_pb
 from router_svc.loads import LoadTracker
+from runtime.channels import ChannelPool
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 
 import grpc
 
-from controlplane.runtime.channels import ChannelPool
 from router_svc.candidates import Load
 from router_svc.candidates_pb import load_from_pb
+from runtime.channels import ChannelPool
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from controlplane.runtime.channels import ChannelPool
-from engine.base import FinishReason, Sampling
-from engine.serving.convert import sampling_to_proto
 from router_svc.live_view import LiveView
 from router_svc.policy import Decision, NoCapacity, NoWorker, Policy, RouteRequest
 from router_svc.stall import StallWatch
+from runtime.channels import ChannelPool
+from runtime.sampling import FinishReason, Sampling, sampling_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -18,18 +18,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from controlplane.keys import Kind
-from controlplane.runtime.logs import request_scope
-from controlplane.runtime.text import cap
-from engine.base import FinishReason
 from engine.detokenizer import Detokenizer
-from engine.serving.convert import finish_reason_to_proto
+from registry.keys import Kind
 from router_svc.client_errors import retry_hint_metadata
 from router_svc.live_view import LiveView
 from router_svc.metrics import RouterMetrics
 from router_svc.models import ModelCatalog, TokenizerUnavailable
 from router_svc.pipeline import Job, Outcome, Pipeline, RouteFailure
 from router_svc.validation import RequestError, ValidRequest, check_prompt, validate_generate
+from runtime.logs import request_scope
+from runtime.sampling import FinishReason, finish_reason_to_proto
+from runtime.text import cap
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from controlplane.runtime.text import clip
-from engine.base import InvalidRequest, Sampling
-from engine.serving.convert import check_token_ids, sampling_from_proto
+from runtime.sampling import InvalidRequest, Sampling, check_token_ids, sampling_from_proto
+from runtime.text import clip
 from tandem.v1 import inference_pb2
 
 MAX_REQUEST_ID_CHARS = 128

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import grpc
 
-from controlplane.runtime.text import clip
 from engine.kv.checksum import crc32c
 from engine.kv.handles import HandleStore, KvEntry
 from engine.kv.transport import KvNotFound, KvTransferError, ProducerBase, allocate
+from runtime.text import clip
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from tandem.v1.common_pb2 import KvHandle
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from engine.base import EngineError
-from engine.catalog import GpuCatalog, GpuModel, default_catalog
 from engine.sim.profiles import ModelProfile
+from runtime.catalog import GpuCatalog, GpuModel, default_catalog
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.etcd_client import EtcdUnavailable
-from controlplane.keys import Keys, Kind
-from controlplane.registry import Registry
 from controlplane.supervisor import ManagedProcess
-from controlplane.testbed import Testbed
+from registry.etcd_client import EtcdUnavailable
+from registry.keys import Keys, Kind
+from registry.store import Registry
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.support.testbed import Testbed
 
 # Short enough that lease expiry fits in a fast drill, long enough for a 2-core machine under load.
 TTL = 2

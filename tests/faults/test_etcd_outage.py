@@ -13,8 +13,8 @@ import asyncio
 
 import pytest
 
-from controlplane.keys import Keys, Kind
-from controlplane.registry import Registry
+from registry.keys import Keys, Kind
+from registry.store import Registry
 from tandem.v1 import common_pb2
 from tests.faults.conftest import (
     SIM,

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
 from controlplane.etcd_server import EtcdServer
-from controlplane.keys import Keys, Kind
 from controlplane.supervisor import ManagedProcess
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys, Kind
 from tandem.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
 from tests.integration.test_controlplane import TTL, FakeWorker, admin, start_replica, verdict_is, wait_until, workers
 

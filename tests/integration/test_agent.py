@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
 from controlplane.etcd_server import EtcdServer
-from controlplane.keys import Keys, Kind
-from controlplane.registry import Registry
 from controlplane.supervisor import ManagedProcess
-from engine.catalog import default_catalog
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys, Kind
+from registry.store import Registry
+from runtime.catalog import default_catalog
 from tandem.v1 import registry_pb2
 
 pytestmark = pytest.mark.integration

@@ -20,13 +20,13 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
 from controlplane.etcd_server import EtcdServer
-from controlplane.keys import Keys
-from controlplane.registry import Registry
-from controlplane.runtime.server import GrpcService
-from controlplane.session import LeaseSession
 from controlplane.supervisor import ManagedProcess
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys
+from registry.session import LeaseSession
+from registry.store import Registry
+from runtime.server import GrpcService
 from tandem.v1 import admin_pb2, admin_pb2_grpc, common_pb2, registry_pb2
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane.runtime.settings import PeerTls
 from controlplane.supervisor import health_status
-from controlplane.testbed import Testbed
+from runtime.peers import PeerTls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
+from tests.support.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
 from controlplane.etcd_server import EtcdServer
-from controlplane.keys import Keys, Kind
-from controlplane.registry import GpuAlreadyClaimed, Registry
-from controlplane.session import LeaseSession
-from controlplane.view import RegistryView
+from registry.claims import GpuAlreadyClaimed
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys, Kind
+from registry.session import LeaseSession
+from registry.store import Registry
+from registry.view import RegistryView
 from tandem.v1 import common_pb2, registry_pb2
 
 pytestmark = pytest.mark.integration

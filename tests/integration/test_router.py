@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
-from controlplane.keys import Keys
-from controlplane.registry import Registry
 from controlplane.supervisor import ManagedProcess, health_status
-from controlplane.testbed import Testbed
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys
+from registry.store import Registry
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.support.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controlplane.runtime.metrics import MetricsEndpoint
-from controlplane.runtime.server import GrpcService
+from runtime.metrics import MetricsEndpoint
+from runtime.server import GrpcService
 
 pytestmark = pytest.mark.integration
 

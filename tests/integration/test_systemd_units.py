@@ -37,10 +37,10 @@ import pytest
 
 from controlplane.agent import AgentSettings, resolve
 from controlplane.etcd_server import EtcdServer
-from controlplane.runtime.config import load_config
-from engine.serving.settings import WorkerSettings
 from router_svc.__main__ import RouterSettings
 from router_svc.models import parse_tokenizer_map
+from runtime.config import load_config
+from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ class UnitCase:
         return self.name.partition("@")[2].removesuffix(".service")
 
 
-WORKER = "engine.serving.settings:WorkerSettings"
+WORKER = "worker.settings:WorkerSettings"
 CASES = [
     UnitCase("tandem-agent.service", "tandem-agent.service", "agent", "controlplane.agent:AgentSettings",
              "agent.env", True),

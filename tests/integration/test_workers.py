@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
-from controlplane.keys import Keys, Kind
-from controlplane.registry import Registry
-from controlplane.testbed import Testbed
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys, Kind
+from registry.store import Registry
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
+from tests.support.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ import os
 import signal
 from pathlib import Path
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
-from controlplane.keys import Keys
-from controlplane.registry import Registry
-from controlplane.session import LeaseSession
+from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.keys import Keys
+from registry.session import LeaseSession
+from registry.store import Registry
 from tandem.v1 import common_pb2, registry_pb2
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import CatalogError, GpuCatalog, default_catalog
+from runtime.catalog import CatalogError, GpuCatalog, default_catalog
 
 
 def test_builtin_catalog_has_datasheet_figures() -> None:

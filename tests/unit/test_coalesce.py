@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 import pytest
 
 from engine.base import DecodeStep
-from engine.serving.coalesce import coalesced
+from worker.coalesce import coalesced
 
 
 async def engine_steps(n: int, gate: asyncio.Event | None = None, closed: list[bool] | None = None,

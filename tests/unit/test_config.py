@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.runtime.config import ConfigError, load_config
+from runtime.config import ConfigError, load_config
 
 
 @dataclass

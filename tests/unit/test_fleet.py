@@ -9,14 +9,14 @@ from controlplane.fleet import (
     gpu_problem,
     gpu_statuses,
     known_nodes,
-    leader_entry,
     lease_holder,
     node_statuses,
     routable,
     worker_statuses,
 )
-from controlplane.keys import KeyRef, Kind
-from controlplane.records import Entry
+from registry.election import leader_entry
+from registry.keys import KeyRef, Kind
+from registry.records import Entry
 from tandem.v1 import admin_pb2, common_pb2, registry_pb2
 
 PREFILL, DECODE, UNIFIED = common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE, common_pb2.ROLE_UNIFIED

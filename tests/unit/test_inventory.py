@@ -18,9 +18,9 @@ import pytest
 from controlplane.agent import AgentSettings, parse_labels, publish_reason, resolve
 from controlplane.gpu_health import EccTrend, HealthSignals, XidSighting, classify_health, describe_xid
 from controlplane.inventory import NvmlReader, read_inventory
-from controlplane.runtime.config import ConfigError
 from controlplane.simulated_gpus import SimulatedGpusError, parse_declaration, simulated_gpus
-from engine.catalog import default_catalog
+from runtime.catalog import default_catalog
+from runtime.config import ConfigError
 from tandem.v1 import registry_pb2
 
 OK, DEGRADED, FAILED = registry_pb2.GPU_HEALTH_OK, registry_pb2.GPU_HEALTH_DEGRADED, registry_pb2.GPU_HEALTH_FAILED

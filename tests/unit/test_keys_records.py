@@ -4,8 +4,8 @@ import logging
 
 import pytest
 
-from controlplane.keys import KeyRef, Keys, Kind, check_name
-from controlplane.records import SCHEMA_VERSION, RecordError, encode, from_kv, parse
+from registry.keys import KeyRef, Keys, Kind, check_name
+from registry.records import SCHEMA_VERSION, RecordError, encode, from_kv, parse
 from tandem.v1 import common_pb2, registry_pb2
 
 

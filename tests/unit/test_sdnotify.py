@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.runtime import sdnotify
-from controlplane.runtime.server import announce_ready
+from runtime import sdnotify
+from runtime.server import announce_ready
 
 
 class NotifyListener:

@@ -17,7 +17,7 @@ from engine.sim import (
 )
 from engine.sim.settings import SimSettings
 
-# Datasheet figures (engine/data/gpus.toml), written out so a catalog edit shows here.
+# Datasheet figures (runtime/data/gpus.toml), written out so a catalog edit shows here.
 H100_FLOPS, H100_BW, H100_MEM = 989e12, 3.35e12, 80e9
 A100_FLOPS, A100_BW = 312e12, 2.039e12
 

@@ -7,8 +7,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.runtime.settings import CommonSettings, default_node_name
 from engine.base import EngineConfig
+from registry.settings import CommonSettings
+from runtime.peers import default_node_name
 
 
 @dataclass

@@ -6,7 +6,7 @@ be swapped. It adds what the registry needs and etcd3aio does not give:
 - every call has a deadline (a SIGSTOPped etcd must not hang a caller) and
   failures surface as one exception type, `EtcdUnavailable`;
 - `watch()` never reconnects by itself: a broken or compacted watch raises,
-  and the caller (controlplane.view) re-lists and diffs. Silent reconnects
+  and the caller (registry.view) re-lists and diffs. Silent reconnects
   would resume from a revision that may no longer exist (etcd wiped) or skip
   compacted history;
 - user/password auth re-authenticates when etcd forgets the token (restart);

@@ -1,6 +1,6 @@
 """The GPU catalog: datasheet figures per GPU model, and NVML-name matching.
 
-Loaded from engine/data/gpus.toml; an operator file named by the
+Loaded from runtime/data/gpus.toml; an operator file named by the
 TANDEM_GPU_CATALOG environment variable (same format) is merged over it, so
 calibrated figures or new parts need no code change. Pure data: no I/O
 beyond reading those files once.

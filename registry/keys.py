@@ -18,7 +18,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from controlplane.runtime.text import clip
+from runtime.text import clip
 
 DEFAULT_PREFIX = "/tandem"
 API_VERSION = "v1"

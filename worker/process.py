@@ -23,17 +23,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from controlplane import __version__ as tandem_version
-from controlplane.registry import GpuAlreadyClaimed
-from controlplane.runtime.metrics import MetricsEndpoint
-from controlplane.runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
 from engine.base import Engine, EngineError, create_engine
-from engine.serving.admission import Admission
-from engine.serving.load import LoadReporter, WorkerLoadServicer
-from engine.serving.metrics import WorkerMetrics
-from engine.serving.registration import WorkerRegistration
-from engine.serving.settings import WorkerSettings
+from registry.claims import GpuAlreadyClaimed
+from runtime import __version__ as tandem_version
+from runtime.metrics import MetricsEndpoint
+from runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
+from worker.admission import Admission
+from worker.load import LoadReporter, WorkerLoadServicer
+from worker.metrics import WorkerMetrics
+from worker.registration import WorkerRegistration
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ async def _shutdown(settings: WorkerSettings, service: GrpcService, admission: A
 
 def main_for(role: WorkerRole, prog: str, section: str, argv: Sequence[str] | None = None) -> int:
     """Console-script entry: parse settings, configure logs, run until stopped."""
-    from controlplane.runtime.config import ConfigError, load_config
-    from controlplane.runtime.logs import configure_logging
+    from runtime.config import ConfigError, load_config
+    from runtime.logs import configure_logging
 
     try:
         settings = load_config(WorkerSettings, argv, prog=prog, section=section,

@@ -12,23 +12,12 @@ TANDEM_* variables and TOML keys below mean the same everywhere:
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from controlplane.etcd_client import EtcdSettings
-from controlplane.keys import DEFAULT_PREFIX, Keys
-
-
-def default_node_name() -> str:
-    """The node name every process on a host uses unless told otherwise: the short host name.
-
-    The agent registers the node and workers name it; cordons match on it, so
-    both must agree.
-    """
-    return socket.gethostname().split(".")[0]
+from registry.etcd_client import EtcdSettings
+from registry.keys import DEFAULT_PREFIX, Keys
+from runtime.peers import PeerTls
 
 
 @dataclass
@@ -81,23 +70,3 @@ class CommonSettings:
         if bool(self.peer_cert_file) != bool(self.peer_key_file):
             raise ValueError("--peer-cert-file and --peer-key-file go together")
         return PeerTls(self.peer_ca_file, self.peer_cert_file, self.peer_key_file, self.peer_tls_server_name)
-
-
-@dataclass(frozen=True)
-class PeerTls:
-    """TLS for calls between Tandem processes (router -> workers, decode -> prefill, prober -> workers)."""
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    server_name: str = ""
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca_file.read_bytes(),
-            private_key=self.key_file.read_bytes() if self.key_file else None,
-            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
-        )
-
-    def options(self) -> tuple[tuple[str, str], ...]:
-        return (("grpc.ssl_target_name_override", self.server_name),) if self.server_name else ()

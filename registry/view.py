@@ -9,7 +9,7 @@ view keeps serving what it last saw and reports how stale it is.
 Contract: `start()` once; `close()` safe twice. Readers (`get`, `entries`)
 never block and never raise for etcd trouble. `changes()` subscribers each
 get every change after they subscribed, in order. Malformed values are
-skipped and logged (controlplane.records.from_kv), never fatal.
+skipped and logged (registry.records.from_kv), never fatal.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.etcd_client import EtcdClient, EtcdUnavailable, EventType, KeyValue, WatchCompacted
-from controlplane.keys import Keys, Kind
-from controlplane.records import Entry, from_kv
+from registry.etcd_client import EtcdClient, EtcdUnavailable, EventType, KeyValue, WatchCompacted
+from registry.keys import Keys, Kind
+from registry.records import Entry, from_kv
 
 log = logging.getLogger(__name__)
 

@@ -25,22 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from controlplane.etcd_client import EtcdClient, EtcdUnavailable
-from controlplane.fleet import leader_entry
-from controlplane.keys import Keys, Kind
-from controlplane.records import encode
-from controlplane.session import LeaseSession
-from controlplane.view import RegistryView
+from registry.etcd_client import EtcdClient, EtcdUnavailable
+from registry.keys import Keys, Kind
+from registry.records import Entry, encode, now_ms
+from registry.session import LeaseSession
+from registry.view import RegistryView
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def leader_entry(candidates: Iterable[Entry]) -> Entry | None:
+    """The election winner: the candidacy with the lowest create_revision (ties by name)."""
+    return min(candidates, key=lambda e: (e.create_revision, e.name), default=None)
 
 
 class Election:
@@ -133,7 +132,7 @@ class Election:
         if not lease or not self.session.alive or lease == self._campaign_lease:
             return
         record = registry_pb2.LeaderRecord(replica_id=self.replica_id, endpoint=self.endpoint,
-                                           since_unix_ms=_now_ms())
+                                           since_unix_ms=now_ms())
         # A conflict can only be our own key (the name is our lease): nothing to do then.
         await self.client.create_all([(self.keys.election(lease), encode(record))], lease=lease)
         if self._campaign_lease:
@@ -154,7 +153,7 @@ class Election:
         if leading and not self.is_leader:
             # `since` becomes the start of this term; the put keeps the key's create_revision.
             record = registry_pb2.LeaderRecord(replica_id=self.replica_id, endpoint=self.endpoint,
-                                               since_unix_ms=_now_ms())
+                                               since_unix_ms=now_ms())
             with contextlib.suppress(EtcdUnavailable):
                 await self.client.put(self.keys.election(lease), encode(record), lease=lease)
             self.lease = lease

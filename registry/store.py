@@ -1,7 +1,7 @@
 """Registry operations: what processes write into etcd, and the intents operators set.
 
-Thin over the client and the session: key paths come from controlplane.keys,
-values from controlplane.records. Lease-bound writes (nodes, workers, GPU
+Thin over the client and the session: key paths come from registry.keys,
+values from registry.records. Lease-bound writes (nodes, workers, GPU
 claims) go through a LeaseSession so they come back after a lost lease;
 intents and model specs persist without a lease. Health verdicts are the
 control-plane leader's (controlplane.prober): bound to its lease but never
@@ -10,26 +10,12 @@ rewritten by a recovered session, so an ex-leader cannot overwrite them.
 
 from __future__ import annotations
 
-import time
-
-from controlplane.etcd_client import EtcdClient
-from controlplane.keys import Keys, Kind, check_name
-from controlplane.records import SCHEMA_VERSION, Entry, RecordError, encode, from_kv, parse
-from controlplane.session import ClaimConflict, LeaseSession
+from registry.claims import claim_gpus
+from registry.etcd_client import EtcdClient
+from registry.keys import Keys, Kind, check_name
+from registry.records import SCHEMA_VERSION, Entry, encode, from_kv, now_ms
+from registry.session import LeaseSession
 from tandem.v1 import common_pb2, registry_pb2
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class GpuAlreadyClaimed(Exception):
-    """A GPU is held by another worker; the message names the GPU and its holder."""
-
-    def __init__(self, holders: dict[str, str]) -> None:
-        self.holders = holders  # gpu uuid -> worker id
-        described = ", ".join(f"{gpu} is held by worker {worker}" for gpu, worker in sorted(holders.items()))
-        super().__init__(described)
 
 
 class Registry:
@@ -56,27 +42,8 @@ class Registry:
 
     async def claim_gpus(self, session: LeaseSession, worker_id: str, role: common_pb2.Role.ValueType,
                          node: str, gpu_uuids: list[str]) -> None:
-        """Claims every GPU for `worker_id` in one transaction, or none.
-
-        Raises GpuAlreadyClaimed naming each holder. Claims go with the lease.
-        """
-        items = []
-        for uuid in gpu_uuids:
-            claim = registry_pb2.GpuClaim(gpu_uuid=uuid, worker_id=worker_id, role=role, node=node,
-                                          claimed_at_unix_ms=now_ms())
-            items.append((self.keys.gpu_claim(uuid), encode(claim)))
-        try:
-            await session.claim(items)
-        except ClaimConflict as exc:
-            holders = {}
-            for key, kv in exc.holders.items():
-                ref = self.keys.parse(key)
-                try:
-                    holder = parse(Kind.GPU_CLAIM, kv.value).worker_id  # type: ignore[attr-defined]
-                except RecordError:
-                    holder = "(unreadable claim)"
-                holders[ref.name if ref else key] = holder
-            raise GpuAlreadyClaimed(holders) from None
+        """See registry.claims.claim_gpus."""
+        await claim_gpus(session, self.keys, worker_id, role, node, gpu_uuids)
 
     # -- persistent intents -----------------------------------------------------
 

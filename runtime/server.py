@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controlplane.runtime import sdnotify
+from runtime import sdnotify
 
 log = logging.getLogger(__name__)
 

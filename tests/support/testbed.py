@@ -21,10 +21,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from controlplane.etcd_client import EtcdClient, EtcdSettings
 from controlplane.etcd_server import EtcdServer, start_cluster
-from controlplane.runtime.settings import PeerTls
 from controlplane.supervisor import ManagedProcess
+from registry.etcd_client import EtcdClient, EtcdSettings
+from runtime.peers import PeerTls
 
 WORKER_MODULES = ("prefill_svc", "decode_svc")
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from controlplane.etcd_client import EtcdClient, EtcdUnavailable, KeyValue
+from registry.etcd_client import EtcdClient, EtcdUnavailable, KeyValue
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from controlplane.etcd_client import EtcdClient
-from controlplane.keys import Kind
-from controlplane.registry import Registry
-from controlplane.session import LeaseSession
-from controlplane.view import RegistryView
-from engine.serving.settings import WorkerSettings
+from registry.etcd_client import EtcdClient
+from registry.keys import Kind
+from registry.session import LeaseSession
+from registry.store import Registry
+from registry.view import RegistryView
 from tandem.v1 import registry_pb2
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

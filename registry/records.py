@@ -9,13 +9,14 @@ another record, or come from a newer schema, returning None and logging why
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.keys import Kind
+from registry.keys import Kind
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,11 @@ def parse(kind: Kind, value: bytes) -> Message:
             f"{message.DESCRIPTOR.name} schema_version {version} is newer than this reader's {SCHEMA_VERSION}"
         )
     return message
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, the unit of every *_unix_ms field in a record."""
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from controlplane.runtime.text import cap
 from engine.base import CapacityExhausted, EngineError, InvalidRequest, KvMismatch
 from engine.kv.transport import KvNotFound, KvTransferError
-from engine.serving.admission import Refused
+from runtime.text import cap
+from worker.admission import Refused
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,4 @@
+"""The registry in etcd: the one client module (etcd_client), every key path
+(keys), typed versioned records (records), lease sessions (session), GPU
+claims (claims), intents and model specs (store), leader election (election)
+and the watched view (view)."""
