@@ -32,21 +32,13 @@ from router_svc.live_view import LiveView
 from router_svc.policy import Decision, NoCapacity, NoWorker, Policy, RouteRequest
 from router_svc.stall import StallWatch
 from runtime.channels import ChannelPool
-from runtime.sampling import FinishReason, Sampling, sampling_to_proto
+from runtime.sampling import Sampling, finish_reason_from_proto, sampling_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # Statuses that mean "this request is wrong", not "this worker is in trouble".
 CLIENT_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
-
-_FINISH_FROM_PROTO = {
-    common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    common_pb2.FINISH_REASON_STOP_TOKEN: FinishReason.STOP_TOKEN,
-    common_pb2.FINISH_REASON_STOP_STRING: FinishReason.STOP_STRING,
-    common_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
-    common_pb2.FINISH_REASON_CONTEXT_FULL: FinishReason.CONTEXT_FULL,
-}
 
 
 class RouteFailure(Exception):
@@ -237,7 +229,7 @@ class Pipeline:
                     outcome.ttft_ms = (time.monotonic() - arrived) * 1000
                     yield [reply.first_token_id]
                     if not reply.HasField("handle"):
-                        outcome.finish_reason = _FINISH_FROM_PROTO.get(reply.finish_reason, FinishReason.LENGTH)
+                        outcome.finish_reason = finish_reason_from_proto(reply.finish_reason)
                         break
                     handle, handle_owner = reply.handle, prefill.endpoint
 
@@ -281,8 +273,7 @@ class Pipeline:
                                 yield list(step.token_ids)
                                 watched.touch()  # time the client took is not the worker's silence
                             if step.finish_reason:
-                                outcome.finish_reason = _FINISH_FROM_PROTO.get(step.finish_reason,
-                                                                               FinishReason.LENGTH)
+                                outcome.finish_reason = finish_reason_from_proto(step.finish_reason)
                                 break
                     if not outcome.finish_reason:
                         raise _stream_ended(decode.worker_id)

@@ -139,10 +139,18 @@ def sampling_to_proto(sampling: Sampling) -> common_pb2.SamplingParams:
     return params
 
 
+_FINISH_FROM_PROTO = {value: reason for reason, value in _FINISH_TO_PROTO.items()}
+
+
 def finish_reason_to_proto(reason: str | None) -> common_pb2.FinishReason.ValueType:
     if reason is None:
         return common_pb2.FINISH_REASON_UNSPECIFIED
     return _FINISH_TO_PROTO[reason]
+
+
+def finish_reason_from_proto(value: common_pb2.FinishReason.ValueType) -> str:
+    """The FinishReason a worker reported; an unset or unknown value reads as LENGTH (the sequence ended)."""
+    return _FINISH_FROM_PROTO.get(value, FinishReason.LENGTH)
 
 
 def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_context_tokens: int,
