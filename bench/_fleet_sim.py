@@ -31,7 +31,7 @@ from engine.base import Sampling
 from engine.sim import GpuSet, ModelProfile, RooflineParams, kv_capacity_blocks, step_seconds
 from engine.sim.blocks import BlockManager
 from engine.sim.scheduler import Produced, Scheduler
-from engine.sim.sequence import Kind, Sequence, StopRules
+from engine.sim.sequence import Sequence, SequenceKind, StopRules
 from engine.sim.tokens import TokenStream
 from router_svc.candidates import Candidate, FleetView, Load, Role, make_candidate
 from router_svc.costmodel import ModelShape
@@ -201,12 +201,12 @@ class FleetSim:
         prompt = self._prompt(index, record.prompt)
         sampling = Sampling(max_tokens=record.output, ignore_eos=True)
         if decision.prefill is None:
-            seq = self._sequence(index, Kind.DECODE, prompt, sampling, ())
+            seq = self._sequence(index, SequenceKind.DECODE, prompt, sampling, ())
             seq.sink = (record, index, None)
             self._admit(decode, seq, now)
         else:
             prefill = self.workers[decision.prefill.worker_id]
-            seq = self._sequence(index, Kind.PREFILL, prompt, sampling, ())
+            seq = self._sequence(index, SequenceKind.PREFILL, prompt, sampling, ())
             seq.sink = (record, index, decode)
             self._admit(prefill, seq, now)
         return True
@@ -222,7 +222,7 @@ class FleetSim:
 
     # -- workers --------------------------------------------------------------------
 
-    def _sequence(self, index: int, kind: Kind, tokens: list[int], sampling: Sampling,
+    def _sequence(self, index: int, kind: SequenceKind, tokens: list[int], sampling: Sampling,
                   delivered: tuple[int, ...]) -> Sequence:
         stream = TokenStream(self.profile.fingerprint, tokens, seed=None, ignore_eos=True)
         rules = StopRules(sampling, self.profile.max_context_tokens, delivered)
@@ -258,7 +258,7 @@ class FleetSim:
     def _deliver(self, worker: _Worker, produced: Produced, now: float) -> bool:
         """Books one produced token; True when it ended a sequence here (blocks were freed)."""
         record, index, decode = produced.seq.sink
-        if produced.seq.kind is Kind.PREFILL:
+        if produced.seq.kind is SequenceKind.PREFILL:
             worker.live -= 1
             record.first_at, record.tokens, record.first_token = now, 1, produced.token
             nbytes = record.prompt * self.profile.kv_bytes_per_token
@@ -288,7 +288,7 @@ class FleetSim:
             prompt = self._prompt(index, record.prompt)
             tokens = [*prompt, record.first_token]
             sampling = Sampling(max_tokens=record.output, ignore_eos=True)
-            seq = self._sequence(index, Kind.DECODE, tokens, sampling, (record.first_token,))
+            seq = self._sequence(index, SequenceKind.DECODE, tokens, sampling, (record.first_token,))
             seq.num_computed = len(prompt)
             if not worker.blocks.grow(seq.table, seq.num_computed):
                 worker.blocks.release(seq.table)

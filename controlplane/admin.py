@@ -32,6 +32,7 @@ from tandem.v1 import admin_pb2, admin_pb2_grpc, common_pb2, registry_pb2
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+Intent = TypeVar("Intent", registry_pb2.DrainIntent, registry_pb2.CordonIntent)
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 # Who asked for a drain or cordon, when the caller says so (tandemctl sends the user name).
@@ -183,19 +184,38 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     return text
         return context.peer() or "unknown"
 
+    async def _worker_known(self, worker_id: str) -> bool:
+        # Ask etcd, not the view: a worker that registered a moment ago must be drainable.
+        return await self.registry.get(Kind.WORKER, worker_id) is not None
+
+    async def _node_known(self, node: str) -> bool:
+        """An agent reports the node, or a worker runs on it."""
+        if await self.registry.get(Kind.NODE, node) is not None:
+            return True
+        _, workers = await self.registry.list(Kind.WORKER)
+        return any(entry.record.node == node for entry in workers)
+
+    async def _place_intent(self, kind: Kind, name: str, reason: str, context: grpc.aio.ServicerContext, *,
+                            known: Callable[[str], Awaitable[bool]], unknown: str,
+                            place: Callable[[str, str, str], Awaitable[Intent]]) -> Intent:
+        """A drain or cordon on `name`: NOT_FOUND (`unknown`) unless `known(name)`; then the intent
+        already there, unchanged (idempotent), or a new one from `place(name, requested_by, reason)`."""
+        reason = _check_reason(reason)
+        if not await known(name):
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown)
+        existing = await self.registry.get(kind, name)
+        if existing is not None:
+            return existing.record
+        return await place(name, self._requested_by(context), reason)
+
     @_statuses
     async def DrainWorker(self, request: admin_pb2.DrainWorkerRequest,
                           context: grpc.aio.ServicerContext) -> admin_pb2.DrainWorkerResponse:
         """Idempotent: a second drain returns the first intent unchanged."""
         worker_id = check_name(request.worker_id, "worker_id")
-        reason = _check_reason(request.reason)
-        # Ask etcd, not the view: a worker that registered a moment ago must be drainable.
-        if await self.registry.get(Kind.WORKER, worker_id) is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {clip(worker_id)} is not registered")
-        existing = await self.registry.get(Kind.DRAIN, worker_id)
-        if existing is not None:
-            return admin_pb2.DrainWorkerResponse(intent=existing.record)
-        intent = await self.registry.set_drain(worker_id, self._requested_by(context), reason)
+        intent = await self._place_intent(
+            Kind.DRAIN, worker_id, request.reason, context, known=self._worker_known,
+            unknown=f"worker {clip(worker_id)} is not registered", place=self.registry.set_drain)
         return admin_pb2.DrainWorkerResponse(intent=intent)
 
     @_statuses
@@ -209,16 +229,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                          context: grpc.aio.ServicerContext) -> admin_pb2.CordonNodeResponse:
         """Idempotent: a second cordon returns the first intent unchanged."""
         node = check_name(request.node, "node")
-        reason = _check_reason(request.reason)
-        if await self.registry.get(Kind.NODE, node) is None:
-            _, workers = await self.registry.list(Kind.WORKER)
-            if not any(entry.record.node == node for entry in workers):
-                await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"node {clip(node)} is not registered (no node agent and no worker reports it)")
-        existing = await self.registry.get(Kind.CORDON, node)
-        if existing is not None:
-            return admin_pb2.CordonNodeResponse(intent=existing.record)
-        intent = await self.registry.set_cordon(node, self._requested_by(context), reason)
+        intent = await self._place_intent(
+            Kind.CORDON, node, request.reason, context, known=self._node_known,
+            unknown=f"node {clip(node)} is not registered (no node agent and no worker reports it)",
+            place=self.registry.set_cordon)
         return admin_pb2.CordonNodeResponse(intent=intent)
 
     @_statuses

@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import REGISTRY, Counter
@@ -51,6 +51,7 @@ from runtime.logs import configure_logging
 from runtime.metrics import MetricsEndpoint
 from runtime.peers import default_node_name
 from runtime.server import announce_ready, install_stop_signals
+from runtime.setting import check_ranges, setting
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger("controlplane.agent")
@@ -60,14 +61,14 @@ PROG = "tandem-agent"
 
 @dataclass
 class AgentSettings(CommonSettings):
-    node: str = field(default="", metadata={"help": "node name in the registry (default: this host's name)"})
-    host: str = field(default="", metadata={"help": "address other hosts use to reach this node (default: hostname)"})
-    labels: str = field(default="", metadata={"help": "node labels, k=v[,k=v...]"})
-    simulate_gpus: str = field(default="", metadata={
-        "help": "declare GPUs instead of reading NVML, TYPE:COUNT[,...] with catalog ids (H100-SXM:4,A100-80GB:4)"})
-    refresh_interval: float = field(default=10.0, metadata={"help": "seconds between inventory readings"})
-    readings_every: int = field(default=6, metadata={
-        "help": "write changed utilisation/memory/temperature/power at most every N refreshes"})
+    node: str = setting("", "node name in the registry (default: this host's name)")
+    host: str = setting("", "address other hosts use to reach this node (default: hostname)")
+    labels: str = setting("", "node labels, k=v[,k=v...]")
+    simulate_gpus: str = setting(
+        "", "declare GPUs instead of reading NVML, TYPE:COUNT[,...] with catalog ids (H100-SXM:4,A100-80GB:4)")
+    refresh_interval: float = setting(10.0, "time between inventory readings", min=0.1, max=3600, unit="seconds")
+    readings_every: int = setting(
+        6, "write changed utilisation/memory/temperature/power at most every N refreshes", min=1, max=10_000)
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -91,12 +92,7 @@ def resolve(settings: AgentSettings) -> AgentSettings:
         check_name(node, "--node")
     except ValueError as exc:
         raise ConfigError(f"{exc} (pass --node when the hostname is not a valid node name)") from None
-    if not 0.1 <= settings.refresh_interval <= 3600:
-        raise ConfigError(f"--refresh-interval must be 0.1..3600 seconds, got {settings.refresh_interval}")
-    if not 1 <= settings.readings_every <= 10_000:
-        raise ConfigError(f"--readings-every must be 1..10000, got {settings.readings_every}")
-    if settings.lease_ttl < 2:
-        raise ConfigError(f"--lease-ttl must be at least 2 seconds, got {settings.lease_ttl}")
+    check_ranges(settings)  # what load_config checked, for settings built in code
     parse_labels(settings.labels)
     if settings.simulate_gpus:
         try:

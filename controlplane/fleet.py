@@ -13,8 +13,8 @@ Definitions the API promises (admin.proto):
   worker listing it); idle otherwise. It is unhealthy when NVML says FAILED or
   its holder's verdict is NOT_SERVING.
 - A worker is routable when READY, without a drain intent, on a node without
-  a cordon, and not NOT_SERVING (no verdict yet counts as routable, as the
-  routers treat it).
+  a cordon, and not NOT_SERVING (no verdict yet counts as routable): the
+  routers' own rule, registry.routable.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from registry.keys import KeyRef, Kind
+from registry.routable import Health, unroutable_reason
+from registry.routable_pb import health_from_pb, worker_state_from_pb
 from tandem.v1 import admin_pb2, common_pb2, registry_pb2
 
 UNKNOWN_MODEL = "unknown"
@@ -107,17 +109,16 @@ def gpu_slots(snapshot: Snapshot) -> list[GpuSlot]:
 
 
 def _not_serving(snapshot: Snapshot, worker_id: str) -> bool:
-    verdict = snapshot.health.get(worker_id)
-    return verdict is not None and verdict.status == registry_pb2.SERVING_STATUS_NOT_SERVING
+    return health_from_pb(snapshot.health.get(worker_id)) is Health.NOT_SERVING
 
 
 def routable(snapshot: Snapshot, worker: registry_pb2.WorkerRecord) -> bool:
-    """READY, no drain intent, node not cordoned, verdict not NOT_SERVING."""
-    return (
-        worker.state == registry_pb2.WORKER_STATE_READY
-        and worker.worker_id not in snapshot.drains
-        and worker.node not in snapshot.cordons
-        and not _not_serving(snapshot, worker.worker_id)
+    """READY, no drain intent, node not cordoned, verdict not NOT_SERVING (registry.routable)."""
+    return not unroutable_reason(
+        state=worker_state_from_pb(worker.state),
+        drain_requested=worker.worker_id in snapshot.drains,
+        node_cordoned=worker.node in snapshot.cordons,
+        health=health_from_pb(snapshot.health.get(worker.worker_id)),
     )
 
 

@@ -19,20 +19,14 @@ Rules, per worker:
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+
+from registry.routable import Health
 
 DEFAULT_FAILURES = 3
 DEFAULT_SUCCESSES = 2
 MAX_THRESHOLD = 100
-
-
-class Status(enum.Enum):
-    UNKNOWN = "unknown"
-    SERVING = "serving"
-    NOT_SERVING = "not_serving"
-
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -51,7 +45,7 @@ class Thresholds:
 class WorkerHealth:
     """What the policy knows about one worker. Immutable: `step` returns a new value."""
 
-    status: Status = Status.UNKNOWN
+    status: Health = Health.UNKNOWN
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     reason: str = ""
@@ -70,25 +64,25 @@ def step(state: WorkerHealth, ok: bool, detail: str, now: float, thresholds: Thr
     that needs no threshold.
     """
     if gpu_problem:
-        return _to(state, Status.NOT_SERVING, gpu_problem, now, failures=state.consecutive_failures + 1,
+        return _to(state, Health.NOT_SERVING, gpu_problem, now, failures=state.consecutive_failures + 1,
                    successes=0)
     if ok:
         successes = state.consecutive_successes + 1
-        if state.status is Status.UNKNOWN:
-            return _to(state, Status.SERVING, "answered SERVING", now, failures=0, successes=successes)
-        if state.status is Status.NOT_SERVING and successes >= thresholds.successes:
+        if state.status is Health.UNKNOWN:
+            return _to(state, Health.SERVING, "answered SERVING", now, failures=0, successes=successes)
+        if state.status is Health.NOT_SERVING and successes >= thresholds.successes:
             reason = f"{successes} probes answered SERVING"
-            return _to(state, Status.SERVING, reason, now, failures=0, successes=successes)
+            return _to(state, Health.SERVING, reason, now, failures=0, successes=successes)
         return replace(state, consecutive_failures=0, consecutive_successes=successes, checked_at=now)
     failures = state.consecutive_failures + 1
-    if state.status is not Status.NOT_SERVING and failures >= thresholds.failures:
+    if state.status is not Health.NOT_SERVING and failures >= thresholds.failures:
         noun = "probe" if failures == 1 else "probes"
-        return _to(state, Status.NOT_SERVING, f"{failures} {noun} failed: {detail}", now,
+        return _to(state, Health.NOT_SERVING, f"{failures} {noun} failed: {detail}", now,
                    failures=failures, successes=0)
     return replace(state, consecutive_failures=failures, consecutive_successes=0, checked_at=now)
 
 
-def _to(state: WorkerHealth, status: Status, reason: str, now: float, *, failures: int,
+def _to(state: WorkerHealth, status: Health, reason: str, now: float, *, failures: int,
         successes: int) -> WorkerHealth:
     changed = status is not state.status
     return WorkerHealth(
@@ -133,7 +127,7 @@ class HealthTracker:
         self._states[worker_id] = new
         return Transition(worker_id, old, new)
 
-    def seed(self, worker_id: str, status: Status, reason: str, now: float, *, failures: int = 0,
+    def seed(self, worker_id: str, status: Health, reason: str, now: float, *, failures: int = 0,
              successes: int = 0) -> None:
         """Starts a worker from a verdict someone else wrote (a previous leader), so
         a NOT_SERVING worker stays NOT_SERVING until it earns its way back."""

@@ -33,28 +33,26 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controlplane.fleet import gpu_index, gpu_problem
-from controlplane.health_policy import HealthTracker, Status, Thresholds, Transition, WorkerHealth
+from controlplane.health_policy import HealthTracker, Thresholds, Transition, WorkerHealth
 from registry.election import Election
 from registry.etcd_client import EtcdClient, EtcdUnavailable
 from registry.keys import Keys, Kind
 from registry.records import encode
+from registry.routable import Health
+from registry.routable_pb import health_from_pb, health_to_pb
 from registry.view import RegistryView
 from runtime.peers import PeerTls
+from runtime.tasks import cancel_and_wait
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
 
 _PROBED_STATES = (registry_pb2.WORKER_STATE_READY, registry_pb2.WORKER_STATE_DRAINING)
-_TO_PROTO = {
-    Status.SERVING: registry_pb2.SERVING_STATUS_SERVING,
-    Status.NOT_SERVING: registry_pb2.SERVING_STATUS_NOT_SERVING,
-}
-_FROM_PROTO = {value: key for key, value in _TO_PROTO.items()}
 
 
 @dataclass(frozen=True)
 class _Written:
-    status: Status
+    status: Health
     reason: str
     revision: int
 
@@ -102,10 +100,7 @@ class Prober:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         await self._close_channels(set(self._channels))
 
     # -- loop -------------------------------------------------------------------
@@ -143,12 +138,12 @@ class Prober:
         workers = self.view.entries(Kind.WORKER)
         inherited = []
         for worker_id, verdict in self._seen.items():
-            status = _FROM_PROTO.get(verdict.status)
-            if status is None or worker_id not in workers:
+            status = health_from_pb(verdict)
+            if status is Health.UNKNOWN or worker_id not in workers:
                 continue
             self.tracker.seed(worker_id, status, verdict.reason, now, failures=verdict.consecutive_failures,
                               successes=verdict.consecutive_successes)
-            if status is Status.NOT_SERVING:
+            if status is Health.NOT_SERVING:
                 inherited.append(worker_id)
         # Only NOT_SERVING matters to routers in the gap: no verdict already routes like SERVING.
         await self._write_all([(w, self.tracker.get(w)) for w in inherited], lease)
@@ -233,7 +228,7 @@ class Prober:
     # -- writes -----------------------------------------------------------------
 
     def _needs_write(self, worker_id: str, state: WorkerHealth, lease: int) -> bool:
-        if state.status is Status.UNKNOWN:
+        if state.status is Health.UNKNOWN:
             return False
         written = self._written.get(worker_id)
         if written is None or (written.status, written.reason) != (state.status, state.reason):
@@ -242,7 +237,7 @@ class Prober:
         # has caught up past our write and shows something else).
         entry = self.view.get(Kind.HEALTH, worker_id)
         return self.view.revision >= written.revision and (
-            entry is None or entry.lease != lease or _FROM_PROTO.get(entry.record.status) is not state.status)
+            entry is None or entry.lease != lease or health_from_pb(entry.record) is not state.status)
 
     async def _write_all(self, due: list[tuple[str, WorkerHealth]], lease: int) -> None:
         async def write(worker_id: str, state: WorkerHealth) -> None:
@@ -253,7 +248,7 @@ class Prober:
 
     async def _write(self, worker_id: str, state: WorkerHealth, lease: int) -> None:
         verdict = registry_pb2.HealthVerdict(
-            worker_id=worker_id, status=_TO_PROTO[state.status], reason=state.reason,
+            worker_id=worker_id, status=health_to_pb(state.status), reason=state.reason,
             checked_at_unix_ms=int(state.checked_at * 1000), consecutive_failures=state.consecutive_failures,
             consecutive_successes=state.consecutive_successes, prober=self.replica_id)
         try:

@@ -11,6 +11,8 @@ leadership passes at once), then stop the gRPC server with a grace period.
 docs/controlplane.md lists the settings.
 """
 
+# setting() returns a dataclasses.Field, as field() does; ruff cannot see through the wrapper.
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +22,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -45,6 +47,7 @@ from runtime.server import (
     announce_ready,
     install_stop_signals,
 )
+from runtime.setting import check_ranges, setting
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("controlplane.server")  # not "__main__" under python -m
@@ -59,50 +62,34 @@ def _default_replica_id() -> str:
 
 @dataclass
 class ControlPlaneSettings(CommonSettings):
-    listen: str = field(default="0.0.0.0:7070", metadata={"help": "Admin gRPC listen address HOST:PORT (port 0: any)"})
-    advertise_host: str = field(default="", metadata={
-        "help": "host other processes use to reach this replica (default: the listen host, 127.0.0.1 for 0.0.0.0)"})
-    replica_id: str = field(default="", metadata={"help": "name of this replica (default HOSTNAME-PID)"})
-    probe_interval: float = field(default=2.0, metadata={"help": "seconds between health probe rounds (leader)"})
-    probe_timeout: float = field(default=1.0, metadata={"help": "deadline of one health probe, seconds"})
-    probe_concurrency: int = field(default=64, metadata={"help": "health probes in flight at once"})
-    failure_threshold: int = field(default=3, metadata={
-        "help": "consecutive failed probes that make a worker NOT_SERVING"})
-    success_threshold: int = field(default=2, metadata={
-        "help": "consecutive good probes that make a NOT_SERVING worker SERVING again"})
-    admin_token: str = field(default="", repr=False, metadata={
-        "help": "bearer token required for Admin mutations (empty: none required)"})
-    admin_token_file: Path | None = field(default=None, metadata={"help": "file holding the admin token"})
-    tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate of the Admin gRPC server"})
-    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of the Admin gRPC server"})
-    tls_client_ca: Path | None = field(default=None, metadata={
-        "help": "PEM CA bundle; when set, clients must present a certificate it signed"})
+    listen: str = setting("0.0.0.0:7070", "Admin gRPC listen address HOST:PORT (port 0: any)")
+    advertise_host: str = setting(
+        "", "host other processes use to reach this replica (default: the listen host, 127.0.0.1 for 0.0.0.0)")
+    replica_id: str = setting("", "name of this replica, 1..128 printable characters (default HOSTNAME-PID)")
+    probe_interval: float = setting(2.0, "time between health probe rounds (leader)", min=0.05, max=3600,
+                                    unit="seconds")
+    probe_timeout: float = setting(1.0, "deadline of one health probe", min=0.05, max=60, unit="seconds")
+    probe_concurrency: int = setting(64, "health probes in flight at once", min=1, max=4096)
+    failure_threshold: int = setting(3, "consecutive failed probes that make a worker NOT_SERVING",
+                                     min=1, max=MAX_THRESHOLD)
+    success_threshold: int = setting(2, "consecutive good probes that make a NOT_SERVING worker SERVING again",
+                                     min=1, max=MAX_THRESHOLD)
+    admin_token: str = setting("", "bearer token required for Admin mutations (empty: none required)",
+                               secret=True)
+    admin_token_file: Path | None = setting(None, "file holding the admin token")
+    tls_cert: Path | None = setting(None, "PEM certificate of the Admin gRPC server")
+    tls_key: Path | None = setting(None, "PEM private key of the Admin gRPC server")
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle; when set, clients must present a certificate it signed")
 
     def __post_init__(self) -> None:
         self.replica_id = self.replica_id or _default_replica_id()
 
     def validate(self) -> None:
-        """ConfigError naming the first bad setting."""
-        def bad(name: str, allowed: str, value: object) -> ConfigError:
-            return ConfigError(f"{name} must be {allowed}, got {value!r}")
-
-        if not 0.05 <= self.probe_interval <= 3600:
-            raise bad("probe_interval", "0.05..3600 seconds", self.probe_interval)
-        if not 0.05 <= self.probe_timeout <= 60:
-            raise bad("probe_timeout", "0.05..60 seconds", self.probe_timeout)
-        if not 1 <= self.probe_concurrency <= 4096:
-            raise bad("probe_concurrency", "1..4096", self.probe_concurrency)
-        for name in ("failure_threshold", "success_threshold"):
-            if not 1 <= getattr(self, name) <= MAX_THRESHOLD:
-                raise bad(name, f"1..{MAX_THRESHOLD}", getattr(self, name))
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise bad("log_level", "one of debug, info, warning, error", self.log_level)
-        if self.log_format not in ("json", "text"):
-            raise bad("log_format", "json or text", self.log_format)
-        if not 2 <= self.lease_ttl <= 3600:
-            raise bad("lease_ttl", "2..3600 seconds", self.lease_ttl)
+        """ConfigError naming the first bad setting: declared ranges (as load_config checks them), then
+        what spans settings (TLS pairs, files that must exist, the token, etcd endpoints)."""
+        check_ranges(self)
         if not self.replica_id.isprintable() or not 0 < len(self.replica_id) <= 128:
-            raise bad("replica_id", "1..128 printable characters", self.replica_id)
+            raise ConfigError(f"--replica-id must be 1..128 printable characters, got {self.replica_id!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key must be set together")
         if self.tls_client_ca is not None and self.tls_cert is None:

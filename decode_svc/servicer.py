@@ -22,7 +22,7 @@ from engine.kv.exporter import fetch_kv
 from engine.kv.layout import layout_from_proto
 from runtime.channels import ChannelPool
 from runtime.logs import request_scope
-from runtime.sampling import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
+from runtime.sampling import finish_reason_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.coalesce import coalesced
 from worker.errors import rpc_errors
@@ -42,10 +42,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         with request_scope(request_id):
             async with rpc_errors(context, lambda status: self.ctx.metrics.requests.labels("Decode", status).inc()):
                 engine = self.ctx.engine
-                check_model(engine.model_name, request.model)
-                sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
-                prompt = check_prompt(request.prompt_token_ids, vocab_size=engine.tokenizer.vocab_size,
-                                      max_context_tokens=engine.max_context_tokens, max_tokens=sampling.max_tokens)
+                sampling, prompt = self.ctx.check_request(request)
                 has_handle = request.HasField("handle")
                 if has_handle and not request.HasField("first_token_id"):
                     raise InvalidRequest("first_token_id is required with a KV handle")

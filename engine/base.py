@@ -36,10 +36,13 @@ import dataclasses
 import importlib
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 # Requests carry these shared value types; they are part of the Engine interface.
 from runtime.sampling import FinishReason, InvalidRequest, Sampling  # noqa: F401
+
+if TYPE_CHECKING:
+    from engine.chat_template import ChatTemplate
 
 
 class EngineError(RuntimeError):
@@ -202,6 +205,15 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, token_ids: list[int]) -> str:
         """Text of the ids; an incomplete trailing UTF-8 character decodes as U+FFFD."""
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """The model's chat template (engine.chat_template), or None when it has none."""
+        return None
+
+    def encode_rendered_chat(self, text: str) -> list[int]:
+        """Ids of a rendered chat prompt: the template wrote the special tokens, so none are added."""
+        return self.encode(text)
 
 
 class Engine(abc.ABC):

@@ -16,15 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from engine.base import EngineError, Tokenizer
+from engine.chat_template import ChatTemplate, load_chat_template
 
 
 class HfTokenizer(Tokenizer):
     """Text <-> ids with a `tokenizers.Tokenizer`; special tokens are skipped when decoding."""
 
-    def __init__(self, backend: Any, eos_token_id: int | None, add_special_tokens: bool = True) -> None:
+    def __init__(self, backend: Any, eos_token_id: int | None, add_special_tokens: bool = True,
+                 chat_template: ChatTemplate | None = None) -> None:
         self._backend = backend
         self._eos = eos_token_id
         self._add_special = add_special_tokens
+        self._chat_template = chat_template
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self._chat_template
+
+    def encode_rendered_chat(self, text: str) -> list[int]:
+        return list(self._backend.encode(text, add_special_tokens=False).ids)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -59,7 +69,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> HfTokenizer:
         backend = Backend.from_file(str(tokenizer_file))
     except Exception as exc:
         raise EngineError(f"cannot load {tokenizer_file}: {exc}") from exc
-    return HfTokenizer(backend, _eos_id(directory, backend))
+    try:
+        template = load_chat_template(directory)
+    except ValueError as exc:
+        raise EngineError(f"{directory}: {exc}") from exc
+    return HfTokenizer(backend, _eos_id(directory, backend), chat_template=template)
 
 
 def _eos_id(directory: Path, backend: Any) -> int | None:

@@ -16,7 +16,7 @@ import grpc
 from engine.base import PrefillRequest
 from engine.kv.exporter import KvExporter
 from runtime.logs import request_scope
-from runtime.sampling import check_model, check_prompt, finish_reason_to_proto, sampling_from_proto
+from runtime.sampling import finish_reason_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.errors import rpc_errors
 from worker.process import WorkerContext, WorkerRole
@@ -38,10 +38,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         with request_scope(request_id):
             async with rpc_errors(context, lambda status: self.ctx.metrics.requests.labels("Prefill", status).inc()):
                 engine = self.ctx.engine
-                check_model(engine.model_name, request.model)
-                sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
-                prompt = check_prompt(request.prompt_token_ids, vocab_size=engine.tokenizer.vocab_size,
-                                      max_context_tokens=engine.max_context_tokens, max_tokens=sampling.max_tokens)
+                sampling, prompt = self.ctx.check_request(request)
                 with self.ctx.admission.admit():
                     result = await engine.prefill(PrefillRequest(request_id, prompt, sampling))
                     self.ctx.metrics.prefill_seconds.observe(result.prefill_s)
@@ -77,12 +74,9 @@ class PrefillRole(WorkerRole):
         self.endpoint: list[str] = [""]
 
     def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
-        transports = ctx.settings.transports()
-        if ctx.settings.tls_cert is not None and "tcp" in transports:
-            # The tcp transport's data socket is plaintext: a TLS worker moves KV over gRPC (or shm).
-            log.warning("TLS is on: the plaintext tcp KV transport is disabled")
-            transports = [t for t in transports if t != "tcp"]
-        self.exporter = KvExporter(transports=transports, host=ctx.host, default_ttl_s=ctx.settings.kv_handle_ttl)
+        # transports() already drops plaintext tcp when the worker serves TLS.
+        self.exporter = KvExporter(transports=ctx.settings.transports(), host=ctx.host,
+                                   default_ttl_s=ctx.settings.kv_handle_ttl)
         worker_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(ctx, self.exporter, self.endpoint), server)
         worker_pb2_grpc.add_KvSourceServicer_to_server(self.exporter.servicer, server)
 

@@ -32,6 +32,7 @@ from registry.keys import Keys, Kind
 from registry.records import Entry, encode, now_ms
 from registry.session import LeaseSession
 from registry.view import RegistryView
+from runtime.tasks import cancel_and_wait
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,7 @@ class Election:
         if self._closed:
             return
         self._closed = True
-        for task in (self._task, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._task, self._watcher)
         self._set_leader(False, "replica stopping")
         if self._campaign_lease:
             with contextlib.suppress(EtcdUnavailable):

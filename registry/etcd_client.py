@@ -27,7 +27,6 @@ from typing import TypeVar
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, EtcdUnauthenticatedError
 from etcd3aio._protobuf import (
-    Compare,
     LeaseKeepAliveRequest,
     LeaseStub,
     WatchCreateRequest,
@@ -214,13 +213,6 @@ class EtcdClient:
         reply = await self._call(f"delete {key}", lambda: self._kv_api.delete(key, timeout=self.settings.timeout))
         return int(reply.deleted) > 0
 
-    async def delete_prefix(self, prefix: str) -> int:
-        reply = await self._call(
-            f"delete {prefix}*",
-            lambda: self._kv_api.delete(prefix, range_end=prefix_range_end(prefix), timeout=self.settings.timeout),
-        )
-        return int(reply.deleted)
-
     async def create_all(self, items: Sequence[tuple[str, bytes]], lease: int = 0) -> dict[str, KeyValue]:
         """Creates every key only if none exists, in one transaction.
 
@@ -242,17 +234,6 @@ class EtcdClient:
                 entry = _kv(kv)
                 existing[entry.key] = entry
         return existing
-
-    async def put_if_unchanged(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> bool:
-        """Writes `key` only if its mod_revision is still `mod_revision` (0: absent)."""
-        compare = [KVService.txn_compare_create_revision(key, 0)] if mod_revision == 0 else [
-            _compare_mod(key, mod_revision)]
-        reply = await self._call(
-            f"compare-and-put {key}",
-            lambda: self._kv_api.txn(compare, [KVService.txn_op_put(key, value, lease=lease)], [],
-                                 timeout=self.settings.timeout),
-        )
-        return bool(reply.succeeded)
 
     async def compact(self, revision: int) -> None:
         await self._call(f"compact {revision}", lambda: self._kv_api.compact(revision, timeout=self.settings.timeout))
@@ -366,7 +347,3 @@ class EtcdClient:
     def _lease_api(self) -> LeaseService:
         assert self._client.lease is not None, "connect() first"
         return self._client.lease
-
-
-def _compare_mod(key: str, mod_revision: int) -> Compare:
-    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=mod_revision)

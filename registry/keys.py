@@ -96,11 +96,6 @@ class Keys:
     def election(self, lease_id: int) -> str:
         return self.kind_prefix(Kind.ELECTION) + f"{lease_id:016x}"
 
-    @property
-    def admin_prefix(self) -> str:
-        """Prefix of the drain and cordon intents (what a worker watches)."""
-        return f"{self.root}admin/"
-
     def parse(self, key: str | bytes) -> KeyRef | None:
         """The kind and name of a registry key; None for keys outside the layout."""
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key

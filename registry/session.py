@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from registry.etcd_client import EtcdClient, EtcdUnavailable, KeyValue
+from runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,6 @@ class LeaseSession:
     def alive(self) -> bool:
         """True while the session holds a lease etcd has confirmed within the TTL."""
         return self._alive.is_set()
-
-    @property
-    def bound_keys(self) -> list[str]:
-        return sorted({*self._bound, *self._claims})
 
     def start(self) -> None:
         if self._task is None:
@@ -140,9 +137,7 @@ class LeaseSession:
             return
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self.lease_id:
             try:
                 await self.client.revoke(self.lease_id, timeout=min(self.ttl, 2.0))

@@ -1,50 +1,54 @@
-"""Settings every Tandem process shares (etcd access, lease, logs, metrics, readiness).
+"""Settings every Tandem process shares (etcd access, lease, logs, metrics, readiness, TLS to peers).
 
-Each service's settings dataclass inherits `CommonSettings`, so the flags,
-TANDEM_* variables and TOML keys below mean the same everywhere:
-
-    --etcd HOST:PORT[,...]   --etcd-prefix /tandem   --lease-ttl 5
-    --etcd-ca-file / --etcd-cert-file / --etcd-key-file / --etcd-tls-server-name
-    --etcd-user / --etcd-password (or TANDEM_ETCD_PASSWORD)
-    --log-level info  --log-format json|text  --metrics-listen HOST:PORT
-    --ready-file PATH  --shutdown-grace SECONDS
+Each service's settings dataclass inherits `CommonSettings`, so these flags,
+TANDEM_* variables and TOML keys mean the same everywhere. Declared with
+`runtime.setting.setting` (default, range and help in one place); the
+reference table in docs/configuration.md is generated from them.
 """
+
+# setting() returns a dataclasses.Field, as field() does; ruff cannot see through the wrapper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from registry.etcd_client import EtcdSettings
 from registry.keys import DEFAULT_PREFIX, Keys
 from runtime.peers import PeerTls
+from runtime.setting import setting
+
+# What runtime.logs.configure_logging accepts (any case: values are matched case-insensitively).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
 
 
 @dataclass
 class CommonSettings:
-    etcd: str = field(default="127.0.0.1:2379", metadata={"help": "etcd endpoints, comma-separated host:port"})
-    etcd_prefix: str = field(default=DEFAULT_PREFIX, metadata={"help": "registry key prefix in etcd"})
-    etcd_ca_file: Path | None = field(default=None, metadata={"help": "CA bundle to verify etcd (enables TLS)"})
-    etcd_cert_file: Path | None = field(default=None, metadata={"help": "client certificate for etcd"})
-    etcd_key_file: Path | None = field(default=None, metadata={"help": "client key for etcd"})
-    etcd_tls_server_name: str = field(default="", metadata={"help": "etcd certificate name to verify"})
-    etcd_user: str = field(default="", metadata={"help": "etcd user (auth enabled clusters)"})
-    etcd_password: str = field(default="", repr=False, metadata={"help": "etcd password"})
-    etcd_timeout: float = field(default=2.0, metadata={"help": "deadline of each etcd call, seconds"})
-    lease_ttl: int = field(default=5, metadata={"help": "registry lease TTL, seconds (keepalive every TTL/3)"})
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
-    log_format: str = field(default="json", metadata={"help": "json (one object per line) or text"})
-    metrics_listen: str = field(default="", metadata={"help": "serve Prometheus /metrics on HOST:PORT"})
-    ready_file: Path | None = field(default=None, metadata={
-        "help": "write JSON with the bound endpoints here once serving (supervisors wait for it)"})
-    shutdown_grace: float = field(default=15.0, metadata={"help": "seconds to finish in-flight work on stop"})
-    peer_ca_file: Path | None = field(default=None, metadata={
-        "help": "CA bundle to verify other Tandem services this process calls (enables TLS to workers)"})
-    peer_cert_file: Path | None = field(default=None, metadata={
-        "help": "client certificate presented to other Tandem services (mutual TLS)"})
-    peer_key_file: Path | None = field(default=None, metadata={"help": "private key of --peer-cert-file"})
-    peer_tls_server_name: str = field(default="", metadata={
-        "help": "certificate name to verify on other Tandem services (one shared name for a fleet)"})
+    etcd: str = setting("127.0.0.1:2379", "etcd endpoints, comma-separated host:port")
+    etcd_prefix: str = setting(DEFAULT_PREFIX, "registry key prefix in etcd")
+    etcd_ca_file: Path | None = setting(None, "CA bundle to verify etcd (enables TLS)")
+    etcd_cert_file: Path | None = setting(None, "client certificate for etcd")
+    etcd_key_file: Path | None = setting(None, "client key for etcd")
+    etcd_tls_server_name: str = setting("", "etcd certificate name to verify")
+    etcd_user: str = setting("", "etcd user (auth enabled clusters)")
+    etcd_password: str = setting("", "etcd password", secret=True)
+    etcd_timeout: float = setting(2.0, "deadline of each etcd call", above=0, max=600, unit="seconds")
+    # Keepalives go every TTL/3: under 2 s they would race the lease itself.
+    lease_ttl: int = setting(5, "registry lease TTL (keepalive every TTL/3)", min=2, max=3600, unit="seconds")
+    log_level: str = setting("info", "least severe log level written", choices=LOG_LEVELS)
+    log_format: str = setting("json", "json (one object per line) or text", choices=LOG_FORMATS)
+    metrics_listen: str = setting("", "serve Prometheus /metrics on HOST:PORT (empty: off)")
+    ready_file: Path | None = setting(
+        None, "write JSON with the bound endpoints here once serving (supervisors wait for it)")
+    shutdown_grace: float = setting(15.0, "time to finish in-flight work on stop", min=0, max=3600,
+                                    unit="seconds")
+    peer_ca_file: Path | None = setting(
+        None, "CA bundle to verify other Tandem services this process calls (enables TLS to workers)")
+    peer_cert_file: Path | None = setting(None, "client certificate presented to other Tandem services (mutual TLS)")
+    peer_key_file: Path | None = setting(None, "private key of --peer-cert-file")
+    peer_tls_server_name: str = setting(
+        "", "certificate name to verify on other Tandem services (one shared name for a fleet)")
 
     def etcd_settings(self) -> EtcdSettings:
         return EtcdSettings.parse(

@@ -25,6 +25,7 @@ from typing import Any
 from registry.etcd_client import EtcdClient, EtcdUnavailable, EventType, KeyValue, WatchCompacted
 from registry.keys import Keys, Kind
 from registry.records import Entry, from_kv
+from runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,7 @@ class RegistryView:
         self._closed = True
         for task in (self._prober, self._watcher, self._runner):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         for queue in self._subscribers:
             queue.put_nowait(_CLOSED)
 

@@ -8,7 +8,8 @@ number of concurrent decisions.
 
 `router_svc.candidates_pb` turns tandem.v1 messages into these values; this
 module imports neither protobuf nor grpc, so tests build views from plain
-numbers.
+numbers. Whether a worker is routable is registry.routable's rule, shared
+with the control plane's Admin API.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+from registry import routable
+from registry.routable import Health, WorkerState
 
 
 class Role(enum.Enum):
@@ -36,23 +40,6 @@ class Role(enum.Enum):
         # Unified workers serve Decode; only dedicated prefill workers export
         # KV caches for another worker to decode.
         return self is Role.PREFILL
-
-
-class WorkerState(enum.Enum):
-    """Mirrors tandem.v1.WorkerState; UNKNOWN stands for an unset state."""
-
-    UNKNOWN = "unknown"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-
-
-class Health(enum.Enum):
-    """The control-plane prober's verdict; UNKNOWN until it has probed once."""
-
-    UNKNOWN = "unknown"
-    SERVING = "serving"
-    NOT_SERVING = "not_serving"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,26 +71,12 @@ def unroutable_reason(
     health: Health,
     model: str,
 ) -> str:
-    """Why a worker must not get new requests, or "" when it may.
-
-    Pure. The reasons are short, stable words the router logs and counts
-    ("draining", "cordoned", ...). A health verdict of UNKNOWN is routable:
-    a worker that just became READY should not wait for the prober's first
-    round.
-    """
+    """Why a worker must not get new requests, or "" when it may: "no-model" for a
+    record without a model, otherwise `registry.routable.unroutable_reason`. Pure."""
     if not model:
         return "no-model"
-    if state is not WorkerState.READY:
-        return "draining" if state is WorkerState.DRAINING else f"state-{state.value}"
-    if drain_requested:
-        return "drain-requested"
-    if load_draining:
-        return "draining"
-    if node_cordoned:
-        return "cordoned"
-    if health is Health.NOT_SERVING:
-        return "not-serving"
-    return ""
+    return routable.unroutable_reason(state=state, drain_requested=drain_requested, node_cordoned=node_cordoned,
+                                      health=health, load_draining=load_draining)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
-from router_svc.candidates import Candidate, FleetView, Health, Load, Role, WorkerState, make_candidate
+from registry.routable_pb import health_from_pb, worker_state_from_pb
+from router_svc.candidates import Candidate, FleetView, Load, Role, make_candidate
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2
 
 _ROLES = {
     common_pb2.ROLE_PREFILL: Role.PREFILL,
     common_pb2.ROLE_DECODE: Role.DECODE,
     common_pb2.ROLE_UNIFIED: Role.UNIFIED,
-}
-
-_STATES = {
-    registry_pb2.WORKER_STATE_STARTING: WorkerState.STARTING,
-    registry_pb2.WORKER_STATE_READY: WorkerState.READY,
-    registry_pb2.WORKER_STATE_DRAINING: WorkerState.DRAINING,
-}
-
-_HEALTH = {
-    registry_pb2.SERVING_STATUS_SERVING: Health.SERVING,
-    registry_pb2.SERVING_STATUS_NOT_SERVING: Health.NOT_SERVING,
 }
 
 
@@ -69,10 +59,10 @@ def candidate_from_pb(
         role=role,
         model=record.model,
         endpoint=record.endpoint,
-        state=_STATES.get(record.state, WorkerState.UNKNOWN),
+        state=worker_state_from_pb(record.state),
         drain_requested=drain is not None,
         node_cordoned=cordon is not None,
-        health=_HEALTH.get(health.status, Health.UNKNOWN) if health is not None else Health.UNKNOWN,
+        health=health_from_pb(health),
         load=load,
         node=record.node,
         host=record.host,

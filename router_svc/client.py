@@ -19,29 +19,26 @@ A client may be shared by threads; a stream belongs to the thread iterating it
 
 from __future__ import annotations
 
-import itertools
-import random
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
 from router_svc.client_aio import AsyncTandemClient
-from router_svc.client_errors import TandemError, error_from_rpc
+from router_svc.client_errors import TandemError
 from router_svc.client_types import (
     Chunk,
+    ClientCore,
     Completion,
     Deadline,
     Metadata,
     ModelInfo,
-    PemSource,
     RetryPolicy,
     SamplingArgs,
-    build_request,
+    StreamCore,
     chunk_from_pb,
-    client_channels,
     completion_from_pb,
     models_from_pb,
 )
@@ -52,42 +49,22 @@ __all__ = ["AsyncTandemClient", "Chunk", "Completion", "GenerateStream", "ModelI
 
 T = TypeVar("T")
 
+# Never set: an interruptible sleep between attempts.
+_retry_wait = threading.Event().wait
 
-class TandemClient:
-    """Sync client of the Inference API on one or more routers. Close it (or use `with`)."""
 
-    def __init__(
-        self,
-        targets: str | Sequence[str],
-        *,
-        tls: bool | None = None,
-        root_certificates: PemSource | None = None,
-        certificate_chain: PemSource | None = None,
-        private_key: PemSource | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, str | int]] = (),
-        rng: random.Random | None = None,
-    ) -> None:
-        """`targets`: router host:port, or several (attempts rotate through them).
+class TandemClient(ClientCore):
+    """Sync client of the Inference API on one or more routers. Close it (or use `with`).
 
-        `tls`: None means TLS exactly when a certificate is given; certificates
-        are PEM bytes or file paths. `timeout`: default seconds per call (None:
-        no deadline). `metadata`: sent with every call.
-        """
-        self.targets, self._channels = client_channels(
-            targets, tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain,
-            private_key=private_key, options=options,
-            make=lambda t, creds, opts: grpc.secure_channel(t, creds, options=opts) if creds
-            else grpc.insecure_channel(t, options=opts))
-        self._stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in self._channels]
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self.retry = retry or RetryPolicy()
-        self._rng = rng or random.Random()
-        self._turn = itertools.count()
-        self._retry_wait = threading.Event()  # never set: an interruptible sleep
+    Constructor arguments: see `ClientCore` (targets, tls, certificates,
+    timeout, metadata, retry, options, rng).
+    """
+
+    @staticmethod
+    def _make_channel(target: str, creds: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        if creds:
+            return grpc.secure_channel(target, creds, options=options)
+        return grpc.insecure_channel(target, options=options)
 
     # -- calls -------------------------------------------------------------------
 
@@ -97,16 +74,15 @@ class TandemClient:
         *,
         model: str,
         token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         request_id: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
         **sampling: Unpack[SamplingArgs],
     ) -> GenerateStream:
-        """Streams the completion of `prompt` (or `token_ids`) as Chunks. Iterate it once."""
-        request = build_request(model=model, prompt=prompt, token_ids=token_ids, request_id=request_id,
-                                sampling=sampling)
-        return GenerateStream(self, request, Deadline(timeout if timeout is not None else self.timeout),
-                              (*self.metadata, *metadata))
+        """Streams the completion of `prompt` (or `token_ids`, or chat `messages`) as Chunks. Iterate it once."""
+        return GenerateStream(self, *self._generate_args(prompt, model, token_ids, request_id, timeout, metadata,
+                                                          sampling, messages))
 
     def complete(
         self,
@@ -114,16 +90,15 @@ class TandemClient:
         *,
         model: str,
         token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         request_id: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
         **sampling: Unpack[SamplingArgs],
     ) -> Completion:
         """The whole completion in one answer."""
-        request = build_request(model=model, prompt=prompt, token_ids=token_ids, request_id=request_id,
-                                sampling=sampling)
-        deadline = Deadline(timeout if timeout is not None else self.timeout)
-        md = (*self.metadata, *metadata)
+        request, deadline, md = self._generate_args(prompt, model, token_ids, request_id, timeout, metadata, sampling,
+                                                     messages)
         response = self._unary(
             lambda stub, t: stub.Complete(request, timeout=t, metadata=md), deadline, request.request_id
         )
@@ -131,10 +106,9 @@ class TandemClient:
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Models the router serves now, with their limits and routable worker counts."""
-        deadline = Deadline(timeout if timeout is not None else self.timeout)
         response = self._unary(
             lambda stub, t: stub.ListModels(inference_pb2.ListModelsRequest(), timeout=t, metadata=self.metadata),
-            deadline,
+            self._deadline(timeout),
             "",
         )
         return models_from_pb(response)
@@ -152,12 +126,6 @@ class TandemClient:
 
     # -- internals ---------------------------------------------------------------
 
-    def _stubs_in_turn(self) -> Iterator[inference_pb2_grpc.InferenceStub]:
-        """Stubs for the attempts of one call: the next target first, then the others in turn."""
-        start = next(self._turn)
-        for attempt in itertools.count():
-            yield self._stubs[(start + attempt) % len(self._stubs)]
-
     def _unary(
         self,
         call: Callable[[inference_pb2_grpc.InferenceStub, float | None], T],
@@ -165,21 +133,16 @@ class TandemClient:
         request_id: str,
     ) -> T:
         for attempt, stub in enumerate(self._stubs_in_turn(), start=1):
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise deadline.expired_error(request_id, attempt - 1)
+            remaining = deadline.left_for(request_id, attempt - 1)
             try:
                 return call(stub, remaining)
             except grpc.RpcError as exc:
-                err = error_from_rpc(exc, request_id=request_id, attempts=attempt)
-                delay = self.retry.delay_s(err, attempt, received=False, rng=self._rng)
-                if delay is None or not deadline.allows(delay):
-                    raise err from None
-                self._retry_wait.wait(delay)
+                delay = self._retry_delay(exc, deadline, request_id, attempt, received=False)
+            _retry_wait(delay)
         raise AssertionError("unreachable")
 
 
-class GenerateStream:
+class GenerateStream(StreamCore):
     """An iterator of Chunks for one Generate call, with its retries. Iterate once.
 
     `cancel()` (from any thread), `close()`, or leaving a `with` block ends
@@ -189,14 +152,7 @@ class GenerateStream:
     def __init__(
         self, client: TandemClient, request: inference_pb2.GenerateRequest, deadline: Deadline, metadata: Metadata
     ) -> None:
-        self.request_id = request.request_id
-        # Calls made so far (1 + retries).
-        self.attempts = 0
-        self._client = client
-        self._request = request
-        self._deadline = deadline
-        self._metadata = tuple(metadata)
-        self._call: grpc.Call | None = None
+        super().__init__(client, request, deadline, metadata)
         self._cancelled = threading.Event()
         self._chunks = self._run()
 
@@ -231,14 +187,8 @@ class GenerateStream:
         return "".join(chunk.text for chunk in self)
 
     def _run(self) -> Generator[Chunk, None, None]:
-        client, deadline = self._client, self._deadline
-        for stub in client._stubs_in_turn():
-            self.attempts += 1
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise deadline.expired_error(self.request_id, self.attempts - 1)
-            call = stub.Generate(self._request, timeout=remaining, metadata=self._metadata)
-            self._call = call
+        for stub in self._client._stubs_in_turn():
+            call = self._start_attempt(stub)
             if self._cancelled.is_set():
                 call.cancel()
             received = False
@@ -250,10 +200,7 @@ class GenerateStream:
             except grpc.RpcError as exc:
                 if self._cancelled.is_set():
                     return
-                err = error_from_rpc(exc, request_id=self.request_id, attempts=self.attempts)
-                delay = client.retry.delay_s(err, self.attempts, received, client._rng)
-                if delay is None or not deadline.allows(delay):
-                    raise err from None
+                delay = self._retry_delay(exc, received)
             finally:
                 # Leaving early (close, break and garbage collection, an
                 # exception in the consumer) must free the server's sequence;

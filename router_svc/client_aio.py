@@ -14,28 +14,23 @@ cancels the server-side call. Use a client from the event loop that made it.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import grpc.aio
 
-from router_svc.client_errors import error_from_rpc
 from router_svc.client_types import (
     Chunk,
+    ClientCore,
     Completion,
     Deadline,
     Metadata,
     ModelInfo,
-    PemSource,
-    RetryPolicy,
     SamplingArgs,
-    build_request,
+    StreamCore,
     chunk_from_pb,
-    client_channels,
     completion_from_pb,
     models_from_pb,
 )
@@ -44,35 +39,17 @@ from tandem.v1 import inference_pb2, inference_pb2_grpc
 T = TypeVar("T")
 
 
-class AsyncTandemClient:
-    """Asyncio client of the Inference API on one or more routers. Close it (or use `async with`)."""
+class AsyncTandemClient(ClientCore):
+    """Asyncio client of the Inference API on one or more routers. Close it (or use `async with`).
 
-    def __init__(
-        self,
-        targets: str | Sequence[str],
-        *,
-        tls: bool | None = None,
-        root_certificates: PemSource | None = None,
-        certificate_chain: PemSource | None = None,
-        private_key: PemSource | None = None,
-        timeout: float | None = None,
-        metadata: Metadata = (),
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, str | int]] = (),
-        rng: random.Random | None = None,
-    ) -> None:
-        """Arguments as for `TandemClient`."""
-        self.targets, self._channels = client_channels(
-            targets, tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain,
-            private_key=private_key, options=options,
-            make=lambda t, creds, opts: grpc.aio.secure_channel(t, creds, options=opts) if creds
-            else grpc.aio.insecure_channel(t, options=opts))
-        self._stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in self._channels]
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self.retry = retry or RetryPolicy()
-        self._rng = rng or random.Random()
-        self._turn = itertools.count()
+    Constructor arguments as for `TandemClient` (see `ClientCore`).
+    """
+
+    @staticmethod
+    def _make_channel(target: str, creds: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        if creds:
+            return grpc.aio.secure_channel(target, creds, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
     def generate(
         self,
@@ -80,16 +57,15 @@ class AsyncTandemClient:
         *,
         model: str,
         token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         request_id: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
         **sampling: Unpack[SamplingArgs],
     ) -> AsyncGenerateStream:
         """Streams the completion as Chunks (`async for`). Iterate it once."""
-        request = build_request(model=model, prompt=prompt, token_ids=token_ids, request_id=request_id,
-                                sampling=sampling)
-        return AsyncGenerateStream(self, request, Deadline(timeout if timeout is not None else self.timeout),
-                                   (*self.metadata, *metadata))
+        return AsyncGenerateStream(self, *self._generate_args(prompt, model, token_ids, request_id, timeout,
+                                                               metadata, sampling, messages))
 
     async def complete(
         self,
@@ -97,19 +73,17 @@ class AsyncTandemClient:
         *,
         model: str,
         token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         request_id: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
         **sampling: Unpack[SamplingArgs],
     ) -> Completion:
         """The whole completion in one answer."""
-        request = build_request(model=model, prompt=prompt, token_ids=token_ids, request_id=request_id,
-                                sampling=sampling)
-        md = (*self.metadata, *metadata)
+        request, deadline, md = self._generate_args(prompt, model, token_ids, request_id, timeout, metadata, sampling,
+                                                     messages)
         response = await self._unary(
-            lambda stub, t: stub.Complete(request, timeout=t, metadata=md),
-            Deadline(timeout if timeout is not None else self.timeout),
-            request.request_id,
+            lambda stub, t: stub.Complete(request, timeout=t, metadata=md), deadline, request.request_id
         )
         return completion_from_pb(response)
 
@@ -117,7 +91,7 @@ class AsyncTandemClient:
         """Models the router serves now, with their limits and routable worker counts."""
         response = await self._unary(
             lambda stub, t: stub.ListModels(inference_pb2.ListModelsRequest(), timeout=t, metadata=self.metadata),
-            Deadline(timeout if timeout is not None else self.timeout),
+            self._deadline(timeout),
             "",
         )
         return models_from_pb(response)
@@ -133,11 +107,6 @@ class AsyncTandemClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _stubs_in_turn(self) -> Iterator[inference_pb2_grpc.InferenceStub]:
-        start = next(self._turn)
-        for attempt in itertools.count():
-            yield self._stubs[(start + attempt) % len(self._stubs)]
-
     async def _unary(
         self,
         call: Callable[[inference_pb2_grpc.InferenceStub, float | None], Awaitable[T]],
@@ -145,21 +114,16 @@ class AsyncTandemClient:
         request_id: str,
     ) -> T:
         for attempt, stub in enumerate(self._stubs_in_turn(), start=1):
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise deadline.expired_error(request_id, attempt - 1)
+            remaining = deadline.left_for(request_id, attempt - 1)
             try:
                 return await call(stub, remaining)
             except grpc.RpcError as exc:
-                err = error_from_rpc(exc, request_id=request_id, attempts=attempt)
-                delay = self.retry.delay_s(err, attempt, received=False, rng=self._rng)
-                if delay is None or not deadline.allows(delay):
-                    raise err from None
+                delay = self._retry_delay(exc, deadline, request_id, attempt, received=False)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
 
-class AsyncGenerateStream:
+class AsyncGenerateStream(StreamCore):
     """An async iterator of Chunks for one Generate call, with its retries. Iterate once.
 
     `cancel()`, `aclose()`, leaving an `async with` block, or cancelling the
@@ -173,13 +137,7 @@ class AsyncGenerateStream:
         deadline: Deadline,
         metadata: Metadata,
     ) -> None:
-        self.request_id = request.request_id
-        self.attempts = 0
-        self._client = client
-        self._request = request
-        self._deadline = deadline
-        self._metadata = tuple(metadata)
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        super().__init__(client, request, deadline, metadata)
         self._cancelled = False
         self._chunks = self._run()
 
@@ -213,16 +171,10 @@ class AsyncGenerateStream:
         return "".join([chunk.text async for chunk in self])
 
     async def _run(self) -> AsyncGenerator[Chunk, None]:
-        client, deadline = self._client, self._deadline
-        for stub in client._stubs_in_turn():
+        for stub in self._client._stubs_in_turn():
             if self._cancelled:
                 return
-            self.attempts += 1
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise deadline.expired_error(self.request_id, self.attempts - 1)
-            call = stub.Generate(self._request, timeout=remaining, metadata=self._metadata)
-            self._call = call
+            call = self._start_attempt(stub)
             received = False
             try:
                 async for response in call:
@@ -238,10 +190,7 @@ class AsyncGenerateStream:
             except grpc.RpcError as exc:
                 if self._cancelled:
                     return
-                err = error_from_rpc(exc, request_id=self.request_id, attempts=self.attempts)
-                delay = client.retry.delay_s(err, self.attempts, received, client._rng)
-                if delay is None or not deadline.allows(delay):
-                    raise err from None
+                delay = self._retry_delay(exc, received)
             finally:
                 call.cancel()
             await asyncio.sleep(delay)

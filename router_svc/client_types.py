@@ -1,31 +1,27 @@
-"""Plain values of the client library, the retry rule, and the proto <-> value conversions.
+"""Everything the sync (`router_svc.client`) and async (`router_svc.client_aio`) clients share.
 
-Shared by the sync (`router_svc.client`) and async (`router_svc.client_aio`)
-clients; no I/O here.
+Plain values, the retry rule, the proto <-> value conversions, and
+`ClientCore` / `StreamCore`: the clients' configuration, request building,
+target rotation and retry decision. The two clients add only what differs,
+how they wait and how they iterate. No I/O here (channels connect lazily).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import grpc
 
-from router_svc.client_errors import TandemError
-from tandem.v1 import common_pb2, inference_pb2
-
-_FINISH = {
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_STOP_TOKEN: "stop_token",
-    common_pb2.FINISH_REASON_STOP_STRING: "stop_string",
-    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    common_pb2.FINISH_REASON_CONTEXT_FULL: "context_full",
-}
+from router_svc.client_errors import TandemError, error_from_rpc
+from runtime.sampling import finish_reason_from_proto
+from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 # Long prompts and completions travel in one message.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -75,7 +71,8 @@ class Chunk:
     request_id: str
     text: str
     token_ids: tuple[int, ...]
-    # "length", "stop_token", "stop_string", "cancelled", "context_full"; None before the end.
+    # A runtime.sampling.FinishReason: "length", "stop_token", "stop_string", "cancelled",
+    # "context_full"; None before the end.
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
@@ -100,6 +97,8 @@ class ModelInfo:
     max_output_tokens: int
     prefill_workers: int
     decode_workers: int
+    # The model has a chat template: generate(messages=...) works.
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,9 +147,6 @@ class RetryPolicy:
         return None
 
 
-NO_RETRY = RetryPolicy(max_attempts=1)
-
-
 class Deadline:
     """A whole call's time limit across its attempts; None: no limit."""
 
@@ -161,13 +157,13 @@ class Deadline:
     def remaining(self) -> float | None:
         return None if self._at is None else self._at - time.monotonic()
 
-    def expired_error(self, request_id: str, attempts: int) -> TandemError:
-        return TandemError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"deadline of {self.timeout_s:g}s passed",
-            request_id=request_id,
-            attempts=attempts,
-        )
+    def left_for(self, request_id: str, attempts: int) -> float | None:
+        """The next attempt's timeout; DEADLINE_EXCEEDED (after `attempts` calls) when none is left."""
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise TandemError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {self.timeout_s:g}s passed",
+                              request_id=request_id, attempts=attempts)
+        return remaining
 
     def allows(self, delay_s: float) -> bool:
         remaining = self.remaining()
@@ -225,10 +221,14 @@ def build_request(
     token_ids: Sequence[int] | None,
     request_id: str,
     sampling: SamplingArgs,
+    messages: Sequence[Mapping[str, str]] | None = None,
 ) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest; a new request id when none is given, so retries share one id."""
-    if (prompt is None) == (token_ids is None):
-        raise ValueError("pass exactly one of prompt and token_ids")
+    """A GenerateRequest; a new request id when none is given, so retries share one id.
+
+    `messages` are chat turns as {"role": ..., "content": ...} (the OpenAI shape).
+    """
+    if sum(given is not None for given in (prompt, token_ids, messages)) != 1:
+        raise ValueError("pass exactly one of prompt, token_ids and messages")
     unknown = set(sampling) - set(SamplingArgs.__annotations__)
     if unknown:
         raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
@@ -249,6 +249,9 @@ def build_request(
     )
     if prompt is not None:
         request.prompt = prompt
+    elif messages is not None:
+        for message in messages:
+            request.messages.add(role=message["role"], content=message["content"])
     else:
         request.prompt_token_ids.extend(token_ids or ())
     return request
@@ -274,7 +277,8 @@ def _answer_fields(msg: inference_pb2.GenerateResponse | inference_pb2.CompleteR
         "request_id": msg.request_id,
         "text": msg.text,
         "token_ids": tuple(msg.token_ids),
-        "finish_reason": _FINISH.get(msg.finish_reason),
+        # UNSPECIFIED: not the last response yet.
+        "finish_reason": finish_reason_from_proto(msg.finish_reason) if msg.finish_reason else None,
         "usage": _usage(msg.usage) if msg.HasField("usage") else None,
         "timings": _timings(msg.timings) if msg.HasField("timings") else None,
         "route": _route(msg.route) if msg.HasField("route") else None,
@@ -289,24 +293,116 @@ def completion_from_pb(msg: inference_pb2.CompleteResponse) -> Completion:
     return Completion(**_answer_fields(msg))
 
 
-def client_channels(targets: str | Sequence[str], *, tls: bool | None, root_certificates: PemSource | None,
-                    certificate_chain: PemSource | None, private_key: PemSource | None,
-                    options: Sequence[tuple[str, str | int]],
-                    make: Callable[[str, grpc.ChannelCredentials | None, list[tuple[str, Any]]], Any],
-                    ) -> tuple[list[str], list[Any]]:
-    """(targets, channels) for the sync and async clients; `make(target, credentials or None, options)`."""
-    target_list = [targets] if isinstance(targets, str) else list(targets)
-    if not target_list:
-        raise ValueError("at least one target (host:port) is required")
-    creds = channel_credentials(
-        tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain, private_key=private_key
-    )
-    opts = [*CHANNEL_OPTIONS, *options]
-    return target_list, [make(t, creds, opts) for t in target_list]
-
-
 def models_from_pb(msg: inference_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [
-        ModelInfo(m.name, m.max_context_tokens, m.max_output_tokens, m.prefill_workers, m.decode_workers)
+        ModelInfo(m.name, m.max_context_tokens, m.max_output_tokens, m.prefill_workers, m.decode_workers, m.chat)
         for m in msg.models
     ]
+
+
+MakeChannel = Callable[[str, grpc.ChannelCredentials | None, list[tuple[str, Any]]], Any]
+
+
+class ClientCore:
+    """The state and decisions of a client, sync or async; the subclass makes channels and waits."""
+
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        tls: bool | None = None,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, str | int]] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        """`targets`: router host:port, or several (attempts rotate through them).
+
+        `tls`: None means TLS exactly when a certificate is given; certificates
+        are PEM bytes or file paths. `timeout`: default seconds per call (None:
+        no deadline). `metadata`: sent with every call.
+        """
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            raise ValueError("at least one target (host:port) is required")
+        creds = channel_credentials(
+            tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain, private_key=private_key
+        )
+        opts = [*CHANNEL_OPTIONS, *options]
+        self._channels = [self._make_channel(t, creds, opts) for t in self.targets]
+        self._stubs = [inference_pb2_grpc.InferenceStub(ch) for ch in self._channels]
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self.retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
+        self._turn = itertools.count()
+
+    # grpc.secure_channel / insecure_channel, or their grpc.aio twins.
+    _make_channel: MakeChannel
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(timeout if timeout is not None else self.timeout)
+
+    def _generate_args(
+        self,
+        prompt: str | None,
+        model: str,
+        token_ids: Sequence[int] | None,
+        request_id: str,
+        timeout: float | None,
+        metadata: Metadata,
+        sampling: SamplingArgs,
+        messages: Sequence[Mapping[str, str]] | None = None,
+    ) -> tuple[inference_pb2.GenerateRequest, Deadline, Metadata]:
+        """(request, deadline, metadata) of one generate() or complete() call."""
+        request = build_request(model=model, prompt=prompt, token_ids=token_ids, request_id=request_id,
+                                sampling=sampling, messages=messages)
+        return request, self._deadline(timeout), (*self.metadata, *metadata)
+
+    def _stubs_in_turn(self) -> Iterator[inference_pb2_grpc.InferenceStub]:
+        """Stubs for the attempts of one call: the next target first, then the others in turn."""
+        start = next(self._turn)
+        for attempt in itertools.count():
+            yield self._stubs[(start + attempt) % len(self._stubs)]
+
+    def _retry_delay(self, exc: grpc.RpcError, deadline: Deadline, request_id: str, attempts: int,
+                     received: bool) -> float:
+        """Seconds to wait before the next attempt; raises the call's TandemError when there is none.
+
+        Call it from the `except` block of the failed attempt.
+        """
+        err = error_from_rpc(exc, request_id=request_id, attempts=attempts)
+        delay = self.retry.delay_s(err, attempts, received, self._rng)
+        if delay is None or not deadline.allows(delay):
+            raise err from None
+        return delay
+
+
+class StreamCore:
+    """The state of one Generate call across its attempts, sync or async."""
+
+    def __init__(self, client: ClientCore, request: inference_pb2.GenerateRequest, deadline: Deadline,
+                 metadata: Metadata) -> None:
+        self.request_id = request.request_id
+        # Calls made so far (1 + retries).
+        self.attempts = 0
+        self._client = client
+        self._request = request
+        self._deadline = deadline
+        self._metadata = tuple(metadata)
+        self._call: Any = None
+
+    def _start_attempt(self, stub: inference_pb2_grpc.InferenceStub) -> Any:
+        """The next attempt's call; DEADLINE_EXCEEDED when no time is left for it."""
+        self.attempts += 1
+        remaining = self._deadline.left_for(self.request_id, self.attempts - 1)
+        self._call = stub.Generate(self._request, timeout=remaining, metadata=self._metadata)
+        return self._call
+
+    def _retry_delay(self, exc: grpc.RpcError, received: bool) -> float:
+        """As ClientCore._retry_delay, for this stream's latest attempt."""
+        return self._client._retry_delay(exc, self._deadline, self.request_id, self.attempts, received)

@@ -26,6 +26,7 @@ from router_svc.candidates import Candidate, FleetView
 from router_svc.candidates_pb import candidate_from_pb
 from router_svc.loads import LoadTracker
 from runtime.channels import ChannelPool
+from runtime.tasks import cancel_and_wait
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,7 @@ class LiveView:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self.loads.close()
         await self.registry.close()

@@ -4,7 +4,7 @@ A model is servable when at least one worker in the view serves it. Its
 tokenizer comes from, in order: the router's --tokenizer MODEL=PATH
 settings; the ModelSpec's tokenizer (or checkpoint) directory; what the
 workers' engine implies (the sim engine's byte tokenizer, the torch engine's
-built-in "tiny" checkpoint); the model name itself when it is a checkpoint
+built-in models, engine.builtin_models); the model name itself when it is a checkpoint
 directory. Tokenizers are loaded once and cached.
 """
 
@@ -18,9 +18,13 @@ from pathlib import Path
 from engine.base import EngineError, Tokenizer
 from router_svc.candidates import FleetView
 from router_svc.validation import ModelLimits
+from runtime.sampling import DEFAULT_MAX_TOKENS
 from tandem.v1 import registry_pb2
 
 log = logging.getLogger(__name__)
+
+# The limit on max_tokens of a model whose ModelSpec sets none (--max-output-tokens).
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
 
 class TokenizerUnavailable(Exception):
@@ -41,8 +45,9 @@ def parse_tokenizer_map(text: str) -> dict[str, str]:
 class ModelCatalog:
     """Limits and tokenizers by model name. Used from one event loop."""
 
-    def __init__(self, tokenizer_paths: Mapping[str, str], *, default_max_output_tokens: int = 4096,
-                 default_max_tokens: int = 256, default_context_tokens: int = 8192,
+    def __init__(self, tokenizer_paths: Mapping[str, str], *,
+                 default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, default_context_tokens: int = 8192,
                  remember_s: float = 600.0) -> None:
         self.tokenizer_paths = dict(tokenizer_paths)
         self.remember_s = remember_s
@@ -117,10 +122,17 @@ class ModelCatalog:
             from engine.byte_tokenizer import ByteTokenizer
 
             return ByteTokenizer()
-        if engine == "torch" and model == "tiny":
-            from engine.tiny_model import ensure_tiny_checkpoint
+        if engine == "torch":
+            from engine import builtin_models
 
-            return load_tokenizer(ensure_tiny_checkpoint())
+            if builtin_models.is_builtin(model):
+                # The workers' cache (TANDEM_CACHE_DIR) holds it already, converted on their first start.
+                try:
+                    checkpoint = builtin_models.resolve(model)
+                except EngineError as exc:
+                    raise TokenizerUnavailable(f"tokenizer of built-in model {model!r}: {exc}") from None
+                assert checkpoint is not None
+                return load_tokenizer(checkpoint)
         if (Path(model) / "tokenizer.json").is_file():
             return load_tokenizer(model)
         raise TokenizerUnavailable(

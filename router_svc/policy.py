@@ -79,10 +79,6 @@ class Estimates:
         # The first token comes out of the prefill, wherever it runs.
         return self.prefill_queue_s + self.prefill_s
 
-    @property
-    def total_s(self) -> float:
-        return self.ttft_s + self.kv_transfer_s + self.decode_queue_s + self.decode_s
-
 
 @dataclass(frozen=True)
 class Decision:

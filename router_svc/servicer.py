@@ -14,10 +14,12 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from engine.base import Tokenizer
+from engine.chat_template import ChatMessage
 from engine.detokenizer import Detokenizer
 from registry.keys import Kind
 from router_svc.client_errors import retry_hint_metadata
@@ -27,11 +29,31 @@ from router_svc.models import ModelCatalog, TokenizerUnavailable
 from router_svc.pipeline import Job, Outcome, Pipeline, RouteFailure
 from router_svc.validation import RequestError, ValidRequest, check_prompt, validate_generate
 from runtime.logs import request_scope
-from runtime.sampling import FinishReason, finish_reason_to_proto
+from runtime.sampling import FinishReason, InvalidRequest, finish_reason_to_proto
 from runtime.text import cap
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2
 
 log = logging.getLogger(__name__)
+
+
+def render_chat(model: str, tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """Prompt ids of a chat, through the model's own template; RequestError when it cannot be rendered."""
+    template = tokenizer.chat_template
+    if template is None:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"model {model!r} has no chat template (its checkpoint's tokenizer config names none); "
+                           f"send prompt instead of messages")
+    try:
+        return tokenizer.encode_rendered_chat(template.render(messages))
+    except InvalidRequest as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
+def _piece(job: Job, detok: Detokenizer, token_ids: list[int]) -> tuple[inference_pb2.GenerateResponse, bool]:
+    """The response for new token ids: their text, and only the ids before a stop string; True once stopped."""
+    delta = detok.feed(token_ids)
+    kept = token_ids[:delta.consumed] if delta.stopped else token_ids
+    return inference_pb2.GenerateResponse(request_id=job.request_id, text=delta.text, token_ids=kept), delta.stopped
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -58,7 +80,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if valid.model.vocab_size == 0:
             # The tokenizer just loaded: validate again so token ids are range-checked.
             valid = validate_generate(request, self.catalog.limits(fleet, specs))
-        ids = valid.prompt_token_ids if valid.prompt_token_ids is not None else tokenizer.encode(valid.prompt or "")
+        if valid.prompt_token_ids is not None:
+            ids = valid.prompt_token_ids
+        elif valid.messages is not None:
+            ids = tuple(render_chat(valid.model.name, tokenizer, valid.messages))
+        else:
+            ids = tuple(tokenizer.encode(valid.prompt or ""))
         valid = check_prompt(valid, ids)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -94,12 +121,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     async for item in steps:
                         if isinstance(item, Outcome):
                             if held:
-                                delta = detok.feed(held)
-                                token_ids = held[:delta.consumed] if delta.stopped else held
-                                sent += len(token_ids)
-                                yield inference_pb2.GenerateResponse(request_id=job.request_id, text=delta.text,
-                                                                     token_ids=token_ids)
-                                if delta.stopped:
+                                piece, stopped = _piece(job, detok, held)
+                                sent += len(piece.token_ids)
+                                yield piece
+                                if stopped:
                                     item.finish_reason = FinishReason.STOP_STRING
                             yield self._last(job, detok, item, sent)
                             self.metrics.observe(item)
@@ -107,12 +132,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         if whole:
                             held.extend(item)
                             continue
-                        delta = detok.feed(item)
-                        token_ids = item[:delta.consumed] if delta.stopped else item
-                        sent += len(token_ids)
-                        yield inference_pb2.GenerateResponse(request_id=job.request_id, text=delta.text,
-                                                             token_ids=token_ids)
-                        if delta.stopped:
+                        piece, stopped = _piece(job, detok, item)
+                        sent += len(piece.token_ids)
+                        yield piece
+                        if stopped:
                             # The engine stops on the same token; there is nothing left to wait for.
                             yield self._last(job, detok, Outcome(finish_reason=FinishReason.STOP_STRING), sent)
                             break
@@ -169,9 +192,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
         fleet = self.view.fleet()
         response = inference_pb2.ListModelsResponse()
-        for name, limits in sorted(self.catalog.limits(fleet, self._specs()).items()):
+        specs = self._specs()
+        for name, limits in sorted(self.catalog.limits(fleet, specs).items()):
             prefill, decode = fleet.routable_counts(name)
+            worker = next((self.view.worker_record(c.worker_id) for c in fleet.candidates(name)), None)
+            try:
+                chat = self.catalog.tokenizer(name, specs.get(name), worker).chat_template is not None
+            except TokenizerUnavailable:
+                chat = False
             response.models.append(inference_pb2.ModelInfo(
                 name=name, max_context_tokens=limits.max_context_tokens, max_output_tokens=limits.max_output_tokens,
-                prefill_workers=prefill, decode_workers=decode))
+                prefill_workers=prefill, decode_workers=decode, chat=chat))
         return response

@@ -21,11 +21,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from runtime.sampling import InvalidRequest, Sampling, check_token_ids, sampling_from_proto
+from engine.chat_template import ChatMessage
+from runtime.sampling import DEFAULT_MAX_TOKENS, InvalidRequest, Sampling, check_token_ids, sampling_from_proto
+from runtime.sampling import check_prompt as sampling_check_prompt
 from runtime.text import clip
 from tandem.v1 import inference_pb2
 
 MAX_REQUEST_ID_CHARS = 128
+# Chat turns in one request; a longer history is better sent as a rendered prompt.
+MAX_CHAT_MESSAGES = 1024
 
 
 class RequestError(Exception):
@@ -49,7 +53,7 @@ class ModelLimits:
     max_context_tokens: int
     max_output_tokens: int
     # max_tokens when the request leaves it unset (capped by max_output_tokens).
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     # 0: unknown (token ids are then not range-checked).
     vocab_size: int = 0
 
@@ -58,9 +62,10 @@ class ModelLimits:
 class ValidRequest:
     request_id: str
     model: ModelLimits
-    # Exactly one of the two is set; check_prompt fills prompt_token_ids.
+    # Exactly one of the three is set; check_prompt fills prompt_token_ids.
     prompt: str | None
     prompt_token_ids: tuple[int, ...] | None
+    messages: tuple[ChatMessage, ...] | None
     sampling: Sampling
     # False: max_tokens is the model's default and may be shortened to fit
     # the context; True: the client asked for it and gets an error instead.
@@ -101,14 +106,19 @@ def validate_generate(
     if limits is None:
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {clip(request.model)}; {_known(models)}")
 
-    has_text, has_ids = bool(request.prompt), bool(request.prompt_token_ids)
-    if has_text and has_ids:
-        raise _invalid("set exactly one of prompt and prompt_token_ids, not both")
-    if not (has_text or has_ids):
+    has_text, has_ids, has_chat = bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)
+    if has_text + has_ids + has_chat > 1:
+        raise _invalid("set exactly one of prompt, prompt_token_ids and messages")
+    if not (has_text or has_ids or has_chat):
         raise _invalid("prompt is empty")
+    if len(request.messages) > MAX_CHAT_MESSAGES:
+        raise _invalid(f"messages takes at most {MAX_CHAT_MESSAGES} turns, got {len(request.messages)}")
     token_ids = tuple(request.prompt_token_ids) if has_ids else None
     if token_ids is not None:
-        _check_ids("prompt_token_ids", token_ids, limits)
+        try:
+            check_token_ids("prompt_token_ids", token_ids, limits.vocab_size, limits.name)
+        except InvalidRequest as exc:
+            raise _invalid(str(exc)) from None
 
     params = request.sampling if request.HasField("sampling") else None
     try:
@@ -124,37 +134,31 @@ def validate_generate(
         model=limits,
         prompt=request.prompt if has_text else None,
         prompt_token_ids=token_ids,
+        messages=tuple(ChatMessage(m.role, m.content) for m in request.messages) if has_chat else None,
         sampling=sampling,
         max_tokens_explicit=explicit,
     )
 
 
-def _check_ids(field: str, ids: Sequence[int], limits: ModelLimits) -> None:
-    try:
-        check_token_ids(field, ids, limits.vocab_size, limits.name)
-    except InvalidRequest as exc:
-        raise _invalid(str(exc)) from None
-
-
 def check_prompt(valid: ValidRequest, token_ids: Sequence[int]) -> ValidRequest:
     """The request with its prompt as ids, fitted to the model's context. Pure.
 
-    An unset max_tokens shrinks to what the context leaves (at least 1); a
-    client's explicit max_tokens that does not fit is an error, as is a
-    prompt that fills the context on its own.
+    The workers' prompt rule (runtime.sampling.check_prompt), plus one
+    thing only the router does: an unset max_tokens shrinks to what the
+    context leaves (at least 1). A client's explicit max_tokens that does
+    not fit is an error, as is a prompt that fills the context on its own.
     """
     ids = tuple(token_ids)
-    limits = valid.model
-    if not ids:
-        raise _invalid("prompt is empty (it has no tokens)")
-    _check_ids("prompt_token_ids", ids, limits)
-    sampling = valid.sampling
+    limits, sampling = valid.model, valid.sampling
     room = limits.max_context_tokens - len(ids)
-    if room < sampling.max_tokens:
-        if valid.max_tokens_explicit or room < 1:
-            raise _invalid(
-                f"prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}; model {limits.name!r} "
-                f"takes at most {limits.max_context_tokens} tokens (including max_tokens)"
-            )
-        sampling = dataclasses.replace(sampling, max_tokens=room)
+    max_tokens = sampling.max_tokens
+    if not valid.max_tokens_explicit and 1 <= room < max_tokens:
+        max_tokens = room
+    try:
+        ids = sampling_check_prompt(ids, vocab_size=limits.vocab_size, max_context_tokens=limits.max_context_tokens,
+                                    max_tokens=max_tokens, model=limits.name)
+    except InvalidRequest as exc:
+        raise _invalid(str(exc)) from None
+    if max_tokens != sampling.max_tokens:
+        sampling = dataclasses.replace(sampling, max_tokens=max_tokens)
     return dataclasses.replace(valid, prompt_token_ids=ids, sampling=sampling)

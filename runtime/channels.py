@@ -2,14 +2,12 @@
 
 Routers call the same few workers thousands of times a second and decode
 workers pull KV from the same prefill workers: a channel per endpoint keeps
-HTTP/2 connections warm. `drop(endpoint)` closes one when its worker leaves.
+HTTP/2 connections warm.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -33,11 +31,10 @@ CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
 class ChannelPool:
     """Plaintext or TLS (`tls`) channels by endpoint. Use from one event loop; close() is safe twice."""
 
-    def __init__(self, tls: PeerTls | None = None,
-                 extra_options: Sequence[tuple[str, str | int]] = ()) -> None:
+    def __init__(self, tls: PeerTls | None = None) -> None:
         self.tls = tls
         self._credentials = tls.credentials() if tls is not None else None
-        self._options = [*CLIENT_OPTIONS, *(tls.options() if tls is not None else ()), *extra_options]
+        self._options = [*CLIENT_OPTIONS, *(tls.options() if tls is not None else ())]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, endpoint: str) -> grpc.aio.Channel:
@@ -49,13 +46,6 @@ class ChannelPool:
                 channel = grpc.aio.insecure_channel(endpoint, options=self._options)
             self._channels[endpoint] = channel
         return channel
-
-    def drop(self, endpoint: str) -> None:
-        """Closes the channel to `endpoint` in the background (its calls are cancelled)."""
-        channel = self._channels.pop(endpoint, None)
-        if channel is not None:
-            task = asyncio.get_running_loop().create_task(channel.close(grace=None))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}

@@ -23,10 +23,6 @@ _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("tandem_reques
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
 
 
-def current_request_id() -> str:
-    return _request_id.get()
-
-
 @contextlib.contextmanager
 def request_scope(request_id: str) -> Iterator[None]:
     """Tag every log line emitted inside the block with `request_id`."""

@@ -18,7 +18,6 @@ class InvalidRequest(ValueError):
     """The request cannot be served as given; the message names the field."""
 
 
-
 class FinishReason:
     """Why a sequence ended (mirrors tandem.v1.FinishReason names)."""
 
@@ -153,17 +152,25 @@ def finish_reason_from_proto(value: common_pb2.FinishReason.ValueType) -> str:
     return _FINISH_FROM_PROTO.get(value, FinishReason.LENGTH)
 
 
-def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_context_tokens: int,
-                 max_tokens: int) -> tuple[int, ...]:
-    """The prompt as a tuple, or InvalidRequest saying what is wrong with it."""
-    if not prompt:
-        raise InvalidRequest("prompt_token_ids is empty: send at least one token")
-    check_token_ids("prompt_token_ids", prompt, vocab_size)
-    if max_context_tokens and len(prompt) + max_tokens > max_context_tokens:
+def check_prompt(prompt: Sequence[int], *, vocab_size: int, max_context_tokens: int, max_tokens: int,
+                 model: str = "") -> tuple[int, ...]:
+    """The prompt as a tuple, or InvalidRequest saying what is wrong with it.
+
+    The one prompt rule of the router and the workers: at least one token,
+    every id below `vocab_size` (0: unknown, unchecked), and prompt plus
+    `max_tokens` within `max_context_tokens` (0: no limit). `model` names the
+    model in messages.
+    """
+    ids = tuple(prompt)
+    if not ids:
+        raise InvalidRequest("prompt is empty (it has no tokens)")
+    check_token_ids("prompt_token_ids", ids, vocab_size, model)
+    if max_context_tokens and len(ids) + max_tokens > max_context_tokens:
+        whose = f"model {model!r}" if model else "the model"
         raise InvalidRequest(
-            f"prompt has {len(prompt)} tokens and max_tokens is {max_tokens}; the model takes at most "
-            f"{max_context_tokens} tokens in all")
-    return tuple(prompt)
+            f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}; {whose} takes at most "
+            f"{max_context_tokens} tokens (including max_tokens)")
+    return ids
 
 
 def check_model(served: str, requested: str) -> None:

@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 
 from engine.base import DecodeStep
+from runtime.tasks import cancel_and_wait
 
 _END = object()
 
@@ -58,6 +59,4 @@ async def coalesced(steps: AsyncGenerator[DecodeStep, None]) -> AsyncGenerator[D
             if merged is not None:
                 yield merged
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from engine.base import Engine, EngineError, create_engine
 from registry.claims import GpuAlreadyClaimed
 from runtime import __version__ as tandem_version
 from runtime.metrics import MetricsEndpoint
+from runtime.sampling import Sampling, check_model, check_prompt, sampling_from_proto
 from runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 from worker.admission import Admission
@@ -53,6 +55,18 @@ class WorkerContext:
     engine: Engine
     admission: Admission
     metrics: WorkerMetrics
+
+    def check_request(self, request: worker_pb2.PrefillRequest | worker_pb2.DecodeRequest
+                      ) -> tuple[Sampling, tuple[int, ...]]:
+        """A Prefill or Decode request's sampling and prompt, checked against this worker's model
+        (runtime.sampling's rules, the router's too); InvalidRequest names the field."""
+        engine = self.engine
+        check_model(engine.model_name, request.model)
+        sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
+        prompt = check_prompt(request.prompt_token_ids, vocab_size=engine.tokenizer.vocab_size,
+                              max_context_tokens=engine.max_context_tokens, max_tokens=sampling.max_tokens,
+                              model=engine.model_name)
+        return sampling, prompt
 
 
 class WorkerRole(abc.ABC):
@@ -202,7 +216,7 @@ def main_for(role: WorkerRole, prog: str, section: str, argv: Sequence[str] | No
         settings = load_config(WorkerSettings, argv, prog=prog, section=section,
                                description=f"Tandem {section} worker")
     except ConfigError as exc:
-        print(f"{prog}: {exc}")
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     configure_logging(prog, settings.log_level, settings.log_format)
     return asyncio.run(run_worker(settings, role))

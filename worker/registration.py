@@ -15,7 +15,6 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +23,7 @@ from registry.keys import Kind
 from registry.session import LeaseSession
 from registry.store import Registry
 from registry.view import RegistryView
+from runtime.tasks import cancel_and_wait
 from tandem.v1 import registry_pb2
 from worker.settings import WorkerSettings
 
@@ -61,10 +61,6 @@ class WorkerRegistration:
         self.session.start()
         await self.registry.register_worker(self.session, self.record)
 
-    async def wait_registered(self, timeout: float) -> bool:
-        assert self.session is not None
-        return await self.session.wait_alive(timeout)
-
     async def claim_gpus(self, gpu_uuids: list[str]) -> None:
         """Claims the GPUs (waiting up to the lease TTL for etcd to grant a lease first)."""
         assert self.session is not None
@@ -97,9 +93,7 @@ class WorkerRegistration:
             return
         self._closed = True
         if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+            await cancel_and_wait(self._watch_task)
         await self._view.close()
         await self.deregister()
         await self.client.close()

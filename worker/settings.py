@@ -1,49 +1,68 @@
-"""Settings of a worker process (prefill or decode); flags, TANDEM_* env and TOML."""
+"""Settings of a worker process (prefill or decode): flags, TANDEM_* variables, [prefill]/[decode] TOML tables.
+
+Declared with `runtime.setting.setting`: default, range and help in one
+place. A default that engine code also needs (EngineConfig's, the KV
+transports a worker offers, the sim engine's KV payload mode) is owned there
+and referenced here.
+"""
+
+# setting() returns a dataclasses.Field, as field() does; ruff cannot see through the wrapper.
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from engine.base import EngineConfig
+from engine.base import EngineConfig, engine_names
+from engine.kv.selection import WORKER_DEFAULT, known_transports, usable_transports
+from engine.sim.settings import DEFAULT_KV_BYTES, KV_BYTES_MODES
 from registry.settings import CommonSettings
 from runtime.peers import default_node_name
+from runtime.setting import setting
+
+# What the torch engine computes in; other engines ignore it.
+DTYPES = ("float32", "bfloat16", "float16")
+# The engine settings' defaults are EngineConfig's (what an engine built in code gets too).
+_ENGINE = EngineConfig()
 
 
 @dataclass
 class WorkerSettings(CommonSettings):
-    listen: str = field(default="0.0.0.0:0", metadata={"help": "gRPC listen address (port 0: any free port)"})
-    advertise_host: str = field(default="", metadata={
-        "help": "host other machines use to reach this worker (default: the listen host, or 127.0.0.1)"})
-    worker_id: str = field(default="", metadata={"help": "unique worker id (default ROLE-HOSTNAME-PID)"})
-    node: str = field(default="", metadata={"help": "node name, as the node agent registers it (default hostname)"})
-    engine: str = field(default="torch", metadata={"help": "engine: torch, sim or vllm"})
-    model: str = field(default="tiny", metadata={
-        "help": "checkpoint directory, 'tiny' (torch), or a profile id such as llama-3-8b (sim)"})
-    served_model_name: str = field(default="", metadata={"help": "name the model is served under (default: model)"})
-    device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:N"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
-    gpu_type: str = field(default="", metadata={"help": "GPU catalog id of this worker's GPUs (H100-SXM, ...)"})
-    gpu_count: int = field(default=1, metadata={"help": "GPUs this worker spans"})
-    gpu_uuids: str = field(default="", metadata={"help": "comma-separated GPU uuids to claim exclusively"})
-    max_batch_size: int = field(default=16, metadata={"help": "sequences decoded together at most"})
-    max_context_tokens: int = field(default=0, metadata={"help": "context limit (0: the model's)"})
-    kv_blocks: int = field(default=0, metadata={"help": "KV cache blocks (0: sized from memory)"})
-    kv_block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
-    speedup: float = field(default=1.0, metadata={"help": "sim engine: divide simulated time by this"})
-    cache_dir: str = field(default="", metadata={"help": "where built-in models are saved"})
-    seed: int = field(default=0, metadata={"help": "seed of built-in random models"})
-    sim_kv_bytes: str = field(default="", metadata={"help": "sim engine: 'real' to move KV of the simulated size"})
-    kv_transports: str = field(default="grpc,shm", metadata={
-        "help": "KV transports offered (prefill) or accepted (decode), best first"})
-    kv_handle_ttl: float = field(default=30.0, metadata={"help": "seconds an unreleased KV handle lives"})
-    max_queued_requests: int = field(default=256, metadata={
-        "help": "requests accepted but not finished before RESOURCE_EXHAUSTED"})
-    tls_cert: Path | None = field(default=None, metadata={"help": "serve TLS with this certificate"})
-    tls_key: Path | None = field(default=None, metadata={"help": "private key of --tls-cert"})
-    tls_client_ca: Path | None = field(default=None, metadata={"help": "require client certificates from this CA"})
+    listen: str = setting("0.0.0.0:0", "gRPC listen address (port 0: any free port)")
+    advertise_host: str = setting(
+        "", "host other machines use to reach this worker (default: the listen host, or 127.0.0.1)")
+    worker_id: str = setting("", "unique worker id (default ROLE-HOSTNAME-PID)")
+    node: str = setting("", "node name, as the node agent registers it (default hostname)")
+    engine: str = setting("torch", "engine that runs the model", choices=engine_names)
+    model: str = setting(_ENGINE.model,
+                         "checkpoint directory, 'tiny' (torch), or a profile id such as llama-3-8b (sim)")
+    served_model_name: str = setting(_ENGINE.served_name, "name the model is served under (default: model)")
+    device: str = setting(_ENGINE.device, "torch device: cpu, cuda, cuda:N")
+    dtype: str = setting(_ENGINE.dtype, "torch compute dtype", choices=DTYPES)
+    gpu_type: str = setting(_ENGINE.gpu_type, "GPU catalog id of this worker's GPUs (H100-SXM, ...)")
+    gpu_count: int = setting(_ENGINE.gpu_count, "GPUs this worker spans", min=1, max=1024)
+    gpu_uuids: str = setting("", "comma-separated GPU uuids to claim exclusively")
+    max_batch_size: int = setting(_ENGINE.max_batch_size, "sequences decoded together at most", min=1)
+    max_context_tokens: int = setting(_ENGINE.max_context_tokens, "context limit (0: the model's)", min=0,
+                                      unit="tokens")
+    kv_blocks: int = setting(_ENGINE.kv_blocks, "KV cache blocks (0: sized from memory)", min=0)
+    kv_block_size: int = setting(_ENGINE.kv_block_size, "tokens per KV block", min=1, max=4096, unit="tokens")
+    speedup: float = setting(_ENGINE.speedup, "sim engine: divide simulated time by this", above=0)
+    cache_dir: str = setting(_ENGINE.cache_dir, "where built-in models are saved")
+    seed: int = setting(_ENGINE.seed, "seed of built-in random models", min=0)
+    sim_kv_bytes: str = setting(DEFAULT_KV_BYTES, "sim engine: KV payload size ('real': as large as the "
+                                "simulated model's KV cache, to load the transports)", choices=KV_BYTES_MODES)
+    kv_transports: str = setting(",".join(WORKER_DEFAULT), "KV transports offered (prefill) or accepted (decode); "
+                                 "tcp is left out when serving TLS", choices=known_transports, each=True)
+    kv_handle_ttl: float = setting(30.0, "how long an unreleased KV handle lives", above=0, max=3600,
+                                   unit="seconds")
+    max_queued_requests: int = setting(256, "requests accepted but not finished before RESOURCE_EXHAUSTED",
+                                       min=1)
+    tls_cert: Path | None = setting(None, "serve TLS with this certificate")
+    tls_key: Path | None = setting(None, "private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "require client certificates from this CA")
 
     def resolved_worker_id(self, role: str) -> str:
         return self.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
@@ -52,7 +71,8 @@ class WorkerSettings(CommonSettings):
         return self.node or default_node_name()
 
     def engine_config(self) -> EngineConfig:
-        extra = {"sim_kv_bytes": self.sim_kv_bytes} if self.sim_kv_bytes else {}
+        # Only a non-default mode is passed: the sim engine owns the default, other engines ignore it.
+        extra = {"sim_kv_bytes": self.sim_kv_bytes} if self.sim_kv_bytes != DEFAULT_KV_BYTES else {}
         return EngineConfig(
             model=self.model,
             served_name=self.served_model_name,
@@ -71,7 +91,8 @@ class WorkerSettings(CommonSettings):
         )
 
     def transports(self) -> list[str]:
-        return [t.strip() for t in self.kv_transports.split(",") if t.strip()]
+        """The KV transports this worker offers or accepts: the setting, less what serving TLS rules out."""
+        return list(usable_transports(self.kv_transports, tls=self.tls_cert is not None))
 
     def gpu_uuid_list(self) -> list[str]:
         return [u.strip() for u in self.gpu_uuids.split(",") if u.strip()]

@@ -8,8 +8,11 @@ data source for the `datasource` variable.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+DEFAULT_OUTPUT = Path(__file__).with_name("tandem-dashboard.json")
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -102,7 +105,17 @@ def build() -> dict[str, object]:
     }
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Write the Grafana dashboard over Tandem's Prometheus series (run it after changing a panel "
+                    "in this file).",
+        epilog="Import the JSON in Grafana (Dashboards > Import) and pick the Prometheus data source.")
+    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="where to write the JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
+    args.output.write_text(json.dumps(build(), indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
 if __name__ == "__main__":
-    out = Path(__file__).with_name("tandem-dashboard.json")
-    out.write_text(json.dumps(build(), indent=2) + "\n")
-    print(f"wrote {out}")
+    main()

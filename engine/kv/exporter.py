@@ -34,7 +34,9 @@ from engine.base import KvBlob
 from engine.kv.grpc_transport import CHANNEL_OPTIONS, KvSourceServicer
 from engine.kv.handles import Clock, HandleStore
 from engine.kv.layout import layout_from_proto, layout_to_proto
+from engine.kv.selection import PREFERENCE
 from engine.kv.transport import KvNotFound, KvTransferError, ProducerBase, transport_module
+from runtime.tasks import cancel_and_wait
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from tandem.v1.common_pb2 import KvHandle
 
@@ -49,7 +51,7 @@ class KvExporter:
     start() once, close() safe twice. Runs on one event loop (the prefill service's).
     """
 
-    def __init__(self, *, transports: Sequence[str] = ("grpc", "tcp", "shm"), host: str = "",
+    def __init__(self, *, transports: Sequence[str] = PREFERENCE, host: str = "",
                  bind_host: str = "0.0.0.0", default_ttl_s: float = 30.0, sweep_interval_s: float = 1.0,
                  clock: Clock = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         self.store = HandleStore(clock=clock, default_ttl_s=default_ttl_s)
@@ -80,9 +82,7 @@ class KvExporter:
         """Frees every handle, stops the sweeper and data sockets. Safe twice."""
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            await cancel_and_wait(sweeper)
         self.store.close()
         for producer in self._producers.values():
             await producer.close()

@@ -17,7 +17,6 @@ clock, i.e. simulated seconds divided by speedup.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -45,18 +44,16 @@ from engine.sim.blocks import BlockManager
 from engine.sim.profiles import ModelProfile, get_profile
 from engine.sim.roofline import GpuSet, gpu_set, kv_capacity_blocks, step_seconds
 from engine.sim.scheduler import Produced, Scheduler
-from engine.sim.sequence import Kind, Sequence, StopRules
+from engine.sim.sequence import Sequence, SequenceKind, StopRules
 from engine.sim.settings import SimSettings
 from engine.sim.tokens import TokenStream, kv_payload, payload_tokens
+from runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 # How far behind its clock the step loop may run before it stops catching up
 # (seconds): an event loop stalled by other work does not cause a burst.
 _MAX_LAG_S = 0.05
-
-Sink = Callable[[Produced | BaseException], None]
-
 
 class _Mailbox:
     """Produced tokens waiting for one consumer: a list and at most one waiter (lighter than asyncio.Queue)."""
@@ -153,9 +150,7 @@ class SimEngine(Engine):
             return
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         self._fail_all(EngineError("the engine was closed"))
 
     # -- properties -------------------------------------------------------
@@ -207,7 +202,7 @@ class SimEngine(Engine):
         """
         self._check_running()
         prompt = self._check_prompt(request.prompt)
-        seq = self._sequence(request.request_id, Kind.PREFILL, list(prompt), request.sampling, delivered=())
+        seq = self._sequence(request.request_id, SequenceKind.PREFILL, list(prompt), request.sampling, delivered=())
         future: asyncio.Future[Produced] = asyncio.get_running_loop().create_future()
 
         def sink(item: Produced | BaseException) -> None:
@@ -297,7 +292,7 @@ class SimEngine(Engine):
             raise InvalidRequest(f"{name} token ids must be 0..{vocab - 1}, got {bad}")
 
     def _sequence(
-        self, request_id: str, kind: Kind, tokens: list[int], sampling: Sampling, delivered: tuple[int, ...]
+        self, request_id: str, kind: SequenceKind, tokens: list[int], sampling: Sampling, delivered: tuple[int, ...]
     ) -> Sequence:
         seed: int | None = None
         if not sampling.greedy and sampling.top_k != 1:
@@ -318,7 +313,7 @@ class SimEngine(Engine):
         context = [*prompt, *request.generated]
         delivered = request.generated if request.first_token is None else (*request.generated, request.first_token)
         tokens = [*prompt, *delivered]
-        seq = self._sequence(request.request_id, Kind.DECODE, tokens, request.sampling, delivered)
+        seq = self._sequence(request.request_id, SequenceKind.DECODE, tokens, request.sampling, delivered)
         blob = request.kv
         if blob is None:
             need = self._blocks.blocks_for(min(len(tokens) + 1, self._max_context))

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.sim.blocks import BlockManager
-from engine.sim.sequence import Kind, Sequence, State
+from engine.sim.sequence import Sequence, SequenceKind, State
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class Scheduler:
             token = seq.stream.next()
             seq.tokens.append(token)
             reason = seq.rules.after(token, len(seq.tokens))
-            if reason is not None or seq.kind is Kind.PREFILL:
+            if reason is not None or seq.kind is SequenceKind.PREFILL:
                 self._finish(seq, reason, now)
             produced.append(Produced(seq, token, reason))
         return produced

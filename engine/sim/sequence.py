@@ -13,7 +13,9 @@ from engine.sim.blocks import BlockTable
 from engine.sim.tokens import TokenStream
 
 
-class Kind(enum.Enum):
+class SequenceKind(enum.Enum):
+    """Which engine call a simulated sequence serves (not registry.keys.Kind, a registry key's kind)."""
+
     # Engine.prefill: ends after its first token; its KV is exported.
     PREFILL = "prefill"
     # Engine.decode: runs until a stop rule ends it.
@@ -75,7 +77,7 @@ class Sequence:
     """
 
     request_id: str
-    kind: Kind
+    kind: SequenceKind
     tokens: list[int]
     stream: TokenStream
     rules: StopRules

@@ -10,7 +10,10 @@ from typing import Any
 from engine.base import EngineError
 from engine.sim.roofline import RooflineParams
 
+# KvBlob.data: "tokens" (the token ids, a few bytes per token) or "real" (as many bytes
+# as the real KV cache, to load the KV transports). Workers expose it as --sim-kv-bytes.
 KV_BYTES_MODES = ("tokens", "real")
+DEFAULT_KV_BYTES = KV_BYTES_MODES[0]
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,7 @@ class SimSettings:
     max_step_tokens: int = 8192
     # Probability that the simulated model draws EOS at a position (0: never).
     eos_rate: float = 0.0
-    # KvBlob.data: "tokens" (the token ids, a few bytes per token) or "real"
-    # (as many bytes as the real KV cache, to load the KV transports).
-    kv_bytes: str = "tokens"
+    kv_bytes: str = DEFAULT_KV_BYTES  # one of KV_BYTES_MODES
 
     def describe(self) -> list[str]:
         """One line per assumption, for benchmark output."""

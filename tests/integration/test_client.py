@@ -191,7 +191,7 @@ def test_token_ids_prompt_complete_and_list_models(router: ServerThread) -> None
         assert list(router.servicer.requests[-1].prompt_token_ids) == [5, 6]
         [model] = client.list_models()
         assert (model.name, model.max_context_tokens, model.decode_workers) == ("m", 8192, 3)
-        with pytest.raises(ValueError, match="exactly one of prompt and token_ids"):
+        with pytest.raises(ValueError, match="exactly one of prompt, token_ids and messages"):
             client.generate("x", token_ids=[1], model="m")
 
 
@@ -393,5 +393,5 @@ def test_documented_examples_run(router: ServerThread) -> None:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
     assert len(blocks) >= 2
     for block in blocks:
-        code = block.replace("localhost:50051", router.target).replace("llama-3-8b", "m")
+        code = block.replace("localhost:50051", router.target).replace("llama-3-8b", "m").replace("smollm2-135m", "m")
         exec(compile(code, str(DOC), "exec"), {"__name__": "__doc_example__"})

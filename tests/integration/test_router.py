@@ -126,7 +126,7 @@ async def test_bad_input_gets_the_right_status_and_the_router_stays_healthy(fact
             (inference_pb2.GenerateRequest(model="llama-3-8b", prompt="y" * 9000), grpc.StatusCode.INVALID_ARGUMENT,
              "takes at most 8192 tokens"),
             (inference_pb2.GenerateRequest(model="llama-3-8b", prompt="x", prompt_token_ids=[5]),
-             grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt and prompt_token_ids"),
+             grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt, prompt_token_ids and messages"),
         ]
         for request, code, fragment in cases:
             with pytest.raises(grpc.aio.AioRpcError) as info:

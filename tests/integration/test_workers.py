@@ -140,7 +140,7 @@ async def test_bad_requests_get_clear_statuses_and_the_worker_stays_healthy(stub
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     ok = common_pb2.SamplingParams(max_tokens=4)
     cases = [
-        (worker_pb2.PrefillRequest(model="tiny", sampling=ok), "prompt_token_ids is empty"),
+        (worker_pb2.PrefillRequest(model="tiny", sampling=ok), "prompt is empty"),
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
             max_tokens=0)), "max_tokens must be 1.."),
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.health_policy import HealthTracker, Status, Thresholds, WorkerHealth, step
+from controlplane.health_policy import HealthTracker, Thresholds, WorkerHealth, step
+from registry.routable import Health
 
 K, M = 3, 2
 RULES = Thresholds(failures=K, successes=M)
@@ -21,35 +22,35 @@ def run(results: list[bool], state: WorkerHealth | None = None, detail: str = "D
 
 def test_first_answer_decides_a_new_worker_at_once() -> None:
     state = run([True])
-    assert (state.status, state.reason, state.changed_at) == (Status.SERVING, "answered SERVING", 0.0)
+    assert (state.status, state.reason, state.changed_at) == (Health.SERVING, "answered SERVING", 0.0)
 
 
 def test_not_serving_only_after_k_consecutive_failures_naming_the_last_error() -> None:
     serving = run([True])
-    assert run([False] * (K - 1), serving).status is Status.SERVING
+    assert run([False] * (K - 1), serving).status is Health.SERVING
     down = run([False] * K, serving)
-    assert down.status is Status.NOT_SERVING
+    assert down.status is Health.NOT_SERVING
     assert down.reason == "3 probes failed: DEADLINE_EXCEEDED"
     assert down.consecutive_failures == K and down.consecutive_successes == 0
 
 
 def test_a_success_resets_the_failure_count() -> None:
     state = run([True, False, False, True, False, False])
-    assert state.status is Status.SERVING and state.consecutive_failures == 2
+    assert state.status is Health.SERVING and state.consecutive_failures == 2
 
 
 def test_back_to_serving_only_after_m_consecutive_successes() -> None:
     down = run([True, False, False, False])
-    assert run([True] * (M - 1), down).status is Status.NOT_SERVING
-    assert run([True, False, True], down).status is Status.NOT_SERVING  # a failure restarts the count
+    assert run([True] * (M - 1), down).status is Health.NOT_SERVING
+    assert run([True, False, True], down).status is Health.NOT_SERVING  # a failure restarts the count
     up = run([True] * M, down)
-    assert (up.status, up.reason) == (Status.SERVING, "2 probes answered SERVING")
+    assert (up.status, up.reason) == (Health.SERVING, "2 probes answered SERVING")
 
 
 def test_a_new_worker_that_never_answers_turns_not_serving_after_k() -> None:
-    assert run([False] * (K - 1)).status is Status.UNKNOWN
+    assert run([False] * (K - 1)).status is Health.UNKNOWN
     state = run([False] * K, detail="UNAVAILABLE")
-    assert (state.status, state.reason) == (Status.NOT_SERVING, "3 probes failed: UNAVAILABLE")
+    assert (state.status, state.reason) == (Health.NOT_SERVING, "3 probes failed: UNAVAILABLE")
 
 
 def test_staying_down_keeps_the_reason_and_change_time() -> None:
@@ -62,16 +63,16 @@ def test_staying_down_keeps_the_reason_and_change_time() -> None:
 def test_failed_gpu_is_not_serving_at_once_and_recovers_like_probes() -> None:
     serving = run([True])
     state = step(serving, True, "SERVING", 5.0, RULES, gpu_problem="GPU-1 health FAILED: XID 79")
-    assert (state.status, state.reason) == (Status.NOT_SERVING, "GPU-1 health FAILED: XID 79")
+    assert (state.status, state.reason) == (Health.NOT_SERVING, "GPU-1 health FAILED: XID 79")
     for t in range(M):
-        assert state.status is Status.NOT_SERVING
+        assert state.status is Health.NOT_SERVING
         state = step(state, True, "SERVING", 6.0 + t, RULES)
-    assert state.status is Status.SERVING
+    assert state.status is Health.SERVING
 
 
 def test_tracker_seeds_from_a_previous_verdict_and_forgets_absent_workers() -> None:
     tracker = HealthTracker(RULES)
-    tracker.seed("sick", Status.NOT_SERVING, "3 probes failed: UNAVAILABLE", 0.0, failures=7)
+    tracker.seed("sick", Health.NOT_SERVING, "3 probes failed: UNAVAILABLE", 0.0, failures=7)
     transition = tracker.observe("sick", True, "SERVING", 1.0)
     assert not transition.changed and transition.new.reason == "3 probes failed: UNAVAILABLE"
     assert tracker.observe("fresh", True, "SERVING", 1.0).changed
@@ -91,9 +92,9 @@ def test_status_only_changes_on_a_full_streak(results: list[bool], k: int, m: in
     state = WorkerHealth()
     for i, ok in enumerate(results):
         new = step(state, ok, "x", float(i), rules)
-        if new.status is Status.NOT_SERVING and state.status is not Status.NOT_SERVING:
+        if new.status is Health.NOT_SERVING and state.status is not Health.NOT_SERVING:
             assert new.consecutive_failures >= k
-        if new.status is Status.SERVING and state.status is Status.NOT_SERVING:
+        if new.status is Health.SERVING and state.status is Health.NOT_SERVING:
             assert new.consecutive_successes >= m
-        assert new.status is not Status.UNKNOWN or state.status is Status.UNKNOWN  # never back to unknown
+        assert new.status is not Health.UNKNOWN or state.status is Health.UNKNOWN  # never back to unknown
         state = new

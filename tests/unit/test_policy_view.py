@@ -105,3 +105,27 @@ def test_unroutable_reason_needs_a_model() -> None:
         state=WorkerState.READY, drain_requested=False, load_draining=False, node_cordoned=False,
         health=Health.SERVING, model="",
     ) == "no-model"
+
+
+def test_the_admin_api_and_the_routers_agree_on_routability() -> None:
+    # One rule (registry.routable): `tandemctl get workers` says routable exactly when a router routes there.
+    from controlplane.fleet import Snapshot, routable
+
+    states = [registry_pb2.WORKER_STATE_UNSPECIFIED, registry_pb2.WORKER_STATE_STARTING,
+              registry_pb2.WORKER_STATE_READY, registry_pb2.WORKER_STATE_DRAINING]
+    statuses = [None, registry_pb2.SERVING_STATUS_UNSPECIFIED, registry_pb2.SERVING_STATUS_SERVING,
+                registry_pb2.SERVING_STATUS_NOT_SERVING]
+    for state in states:
+        for status in statuses:
+            for drained in (False, True):
+                for cordoned in (False, True):
+                    rec = record("w", state=state)
+                    verdict = None if status is None else registry_pb2.HealthVerdict(worker_id="w", status=status)
+                    snapshot = Snapshot(
+                        workers={"w": rec}, health={"w": verdict} if verdict is not None else {},
+                        drains={"w": registry_pb2.DrainIntent(worker_id="w")} if drained else {},
+                        cordons={rec.node: registry_pb2.CordonIntent(node=rec.node)} if cordoned else {})
+                    candidate = fleet_view_from_pb([rec], health=dict(snapshot.health), drains=set(snapshot.drains),
+                                                   cordons=set(snapshot.cordons)).get("w")
+                    assert candidate is not None
+                    assert candidate.routable == routable(snapshot, rec), (state, status, drained, cordoned)

@@ -7,7 +7,7 @@ import pytest
 from engine.base import FinishReason, Sampling
 from engine.sim.blocks import BlockManager, BlockTable
 from engine.sim.scheduler import Scheduler, Work
-from engine.sim.sequence import Kind, Sequence, StopRules
+from engine.sim.sequence import Sequence, SequenceKind, StopRules
 from engine.sim.tokens import TokenStream
 
 
@@ -80,7 +80,8 @@ def test_shared_blocks_stay_used_until_the_last_reference_goes() -> None:
     assert manager.num_used == 0
 
 
-def seq(request_id: str, tokens: list[int], *, kind: Kind = Kind.DECODE, max_tokens: int = 100) -> Sequence:
+def seq(request_id: str, tokens: list[int], *, kind: SequenceKind = SequenceKind.DECODE,
+        max_tokens: int = 100) -> Sequence:
     sampling = Sampling.create(max_tokens=max_tokens)
     stream = TokenStream("test", tokens, seed=None)
     return Sequence(request_id, kind, list(tokens), stream, StopRules(sampling, 10_000), arrived_at=0.0)
@@ -120,7 +121,7 @@ def test_max_batch_makes_extra_sequences_wait() -> None:
 
 def test_long_prompt_prefills_in_chunks_one_prompt_at_a_time() -> None:
     sched = Scheduler(BlockManager(100, 4), max_batch=4, max_step_tokens=16)
-    a, b = seq("a", list(range(40)), kind=Kind.PREFILL), seq("b", list(range(5)), kind=Kind.PREFILL)
+    a, b = seq("a", list(range(40)), kind=SequenceKind.PREFILL), seq("b", list(range(5)), kind=SequenceKind.PREFILL)
     sched.add(a)
     sched.add(b)
     chunks = [[(w.seq.request_id, w.new) for w in run_step(sched)] for _ in range(4)]

@@ -7,7 +7,15 @@ from typing import Any
 import grpc
 import pytest
 
-from router_svc.validation import ModelLimits, RequestError, check_prompt, valid_request_id, validate_generate
+from router_svc.validation import (
+    MAX_CHAT_MESSAGES,
+    ModelLimits,
+    RequestError,
+    check_prompt,
+    valid_request_id,
+    validate_generate,
+)
+from runtime import sampling
 from tandem.v1 import common_pb2, inference_pb2
 
 MODELS = {
@@ -98,7 +106,23 @@ def test_exactly_one_of_prompt_and_token_ids() -> None:
     assert error_of(gen(prompt="")).message == "prompt is empty"
     both = gen()
     both.prompt_token_ids.extend([1, 2])
-    assert error_of(both).message == "set exactly one of prompt and prompt_token_ids, not both"
+    assert error_of(both).message == "set exactly one of prompt, prompt_token_ids and messages"
+    chat_and_ids = inference_pb2.GenerateRequest(model="llama", prompt_token_ids=[1])
+    chat_and_ids.messages.add(role="user", content="hi")
+    assert error_of(chat_and_ids).message == "set exactly one of prompt, prompt_token_ids and messages"
+
+
+def test_a_chat_is_kept_as_messages_and_bounded() -> None:
+    request = inference_pb2.GenerateRequest(model="llama")
+    request.messages.add(role="system", content="Be brief.")
+    request.messages.add(role="user", content="héllo")
+    valid = validate_generate(request, MODELS)
+    assert valid.prompt is None and valid.prompt_token_ids is None
+    assert [(m.role, m.content) for m in valid.messages or ()] == [("system", "Be brief."), ("user", "héllo")]
+    huge = inference_pb2.GenerateRequest(model="llama")
+    for _ in range(MAX_CHAT_MESSAGES + 1):
+        huge.messages.add(role="user", content="x")
+    assert error_of(huge).message == f"messages takes at most {MAX_CHAT_MESSAGES} turns, got {MAX_CHAT_MESSAGES + 1}"
 
 
 def test_prompt_token_ids_are_range_checked() -> None:
@@ -154,3 +178,13 @@ def test_a_prompt_that_tokenizes_to_nothing_is_empty() -> None:
 def test_tokenized_prompt_ids_are_range_checked() -> None:
     with pytest.raises(RequestError, match=r"prompt_token_ids\[1\] is 32001"):
         check_prompt(validate_generate(gen(), MODELS), [5, 32001])
+
+
+@pytest.mark.parametrize("ids", [[], [5, 32001], [1] * 8000, [1] * 8192])
+def test_router_and_workers_share_one_prompt_rule(ids: list[int]) -> None:
+    """With an explicit max_tokens the router checks a prompt exactly as a worker does, message and all."""
+    with pytest.raises(RequestError) as router:
+        check_prompt(validate_generate(gen(max_tokens=300), MODELS), ids)
+    with pytest.raises(sampling.InvalidRequest) as worker:
+        sampling.check_prompt(ids, vocab_size=32000, max_context_tokens=8192, max_tokens=300, model="llama")
+    assert router.value.message == str(worker.value)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\x8b\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"\x8c\x01\n\tRouteInfo\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x15\n\rlocal_prefill\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nmigrations\x18\x05 \x01(\r\x12\x0f\n\x07retries\x18\x06 \x01(\r\"\xe2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tandem.v1.Timings\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.tandem.v1.RouteInfo\"\xe2\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tandem.v1.Timings\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.tandem.v1.RouteInfo\"\x13\n\x11ListModelsRequest\"\x81\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_workers\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x05 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo2\xe2\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.CompleteResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12(\n\x08messages\x18\x06 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8c\x01\n\tRouteInfo\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x15\n\rlocal_prefill\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nmigrations\x18\x05 \x01(\r\x12\x0f\n\x07retries\x18\x06 \x01(\r\"\xe2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tandem.v1.Timings\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.tandem.v1.RouteInfo\"\xe2\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tandem.v1.Timings\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.tandem.v1.RouteInfo\"\x13\n\x11ListModelsRequest\"\x8f\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_workers\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x05 \x01(\r\x12\x0c\n\x04\x63hat\x18\x06 \x01(\x08\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo2\xe2\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.CompleteResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.inference_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=65
-  _globals['_GENERATEREQUEST']._serialized_end=204
-  _globals['_ROUTEINFO']._serialized_start=207
-  _globals['_ROUTEINFO']._serialized_end=347
-  _globals['_GENERATERESPONSE']._serialized_start=350
-  _globals['_GENERATERESPONSE']._serialized_end=576
-  _globals['_COMPLETERESPONSE']._serialized_start=579
-  _globals['_COMPLETERESPONSE']._serialized_end=805
-  _globals['_LISTMODELSREQUEST']._serialized_start=807
-  _globals['_LISTMODELSREQUEST']._serialized_end=826
-  _globals['_MODELINFO']._serialized_start=829
-  _globals['_MODELINFO']._serialized_end=958
-  _globals['_LISTMODELSRESPONSE']._serialized_start=960
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1018
-  _globals['_INFERENCE']._serialized_start=1021
-  _globals['_INFERENCE']._serialized_end=1247
+  _globals['_GENERATEREQUEST']._serialized_end=246
+  _globals['_CHATMESSAGE']._serialized_start=248
+  _globals['_CHATMESSAGE']._serialized_end=292
+  _globals['_ROUTEINFO']._serialized_start=295
+  _globals['_ROUTEINFO']._serialized_end=435
+  _globals['_GENERATERESPONSE']._serialized_start=438
+  _globals['_GENERATERESPONSE']._serialized_end=664
+  _globals['_COMPLETERESPONSE']._serialized_start=667
+  _globals['_COMPLETERESPONSE']._serialized_end=893
+  _globals['_LISTMODELSREQUEST']._serialized_start=895
+  _globals['_LISTMODELSREQUEST']._serialized_end=914
+  _globals['_MODELINFO']._serialized_start=917
+  _globals['_MODELINFO']._serialized_end=1060
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1062
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1120
+  _globals['_INFERENCE']._serialized_start=1123
+  _globals['_INFERENCE']._serialized_end=1349
 # @@protoc_insertion_point(module_scope)

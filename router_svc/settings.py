@@ -1,0 +1,55 @@
+"""tandem-router's settings: flags, TANDEM_* variables and the [router] table of the TOML file.
+
+A default that library code also needs (the policy's thresholds, max_tokens,
+the KV transport preference) is owned by that library and referenced here;
+every other default, and every range and help text, is declared only here.
+"""
+
+# setting() returns a dataclasses.Field, as field() does; ruff cannot see through the wrapper.
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.kv.selection import PREFERENCE, known_transports, usable_transports
+from registry.settings import CommonSettings
+from router_svc.models import DEFAULT_MAX_OUTPUT_TOKENS
+from router_svc.policy import DEFAULT_POLICY, PolicyConfig, policy_names
+from runtime.sampling import DEFAULT_MAX_TOKENS
+from runtime.setting import setting
+
+
+@dataclass
+class RouterSettings(CommonSettings):
+    listen: str = setting("0.0.0.0:50051", "gRPC listen address for clients")
+    advertise_host: str = setting("", "host clients use to reach this router")
+    policy: str = setting(DEFAULT_POLICY, "routing policy", choices=policy_names)
+    local_prefill_max_prompt_tokens: int = setting(
+        PolicyConfig.local_prefill_max_prompt_tokens,
+        "prompts up to this many tokens are prefilled on the decode worker", min=0, unit="tokens")
+    prefill_queue_limit_tokens: int = setting(
+        PolicyConfig.prefill_queue_limit_tokens,
+        "a prefill worker with more queued tokens is saturated (prefill locally instead)", min=1, unit="tokens")
+    capacity_wait_s: float = setting(
+        5.0, "how long a request waits for a free worker before RESOURCE_EXHAUSTED / UNAVAILABLE",
+        min=0, max=3600, unit="seconds")
+    max_attempts: int = setting(8, "worker calls one request may make", min=1, max=100)
+    stall_timeout_s: float = setting(30.0, "a decode stream silent this long is treated as dead and migrated",
+                                     above=0, max=3600, unit="seconds")
+    suspect_s: float = setting(5.0, "how long a failed worker is avoided by all requests", min=0, max=3600,
+                               unit="seconds")
+    kv_transports: str = setting(",".join(PREFERENCE), "KV transports to ask prefill workers for, best first "
+                                 "(tcp is left out under TLS to workers)", choices=known_transports, each=True)
+    tokenizer: str = setting("", "MODEL=PATH[,MODEL=PATH...]: tokenizer directories")
+    default_max_tokens: int = setting(DEFAULT_MAX_TOKENS, "max_tokens when a request sets none", min=1,
+                                      unit="tokens")
+    max_output_tokens: int = setting(DEFAULT_MAX_OUTPUT_TOKENS, "max_tokens limit when a model spec sets none",
+                                     min=1, unit="tokens")
+    tls_cert: Path | None = setting(None, "serve TLS with this certificate")
+    tls_key: Path | None = setting(None, "private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "require client certificates from this CA")
+
+    def transports(self) -> tuple[str, ...]:
+        """The KV transports to ask for: the setting, less what TLS to workers rules out."""
+        return usable_transports(self.kv_transports, tls=self.peer_ca_file is not None)
