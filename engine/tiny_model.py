@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when anything below changes what is written: the cache key includes it.
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 TINY_SPEC: dict[str, int | float | str] = {
     "vocab_size": 512,
@@ -42,6 +42,11 @@ TINY_SPEC: dict[str, int | float | str] = {
     "rope_theta": 10000.0,
 }
 EOS_TOKEN = "<|endoftext|>"
+# ChatML, so chat requests work on the tiny model too (its answers are noise either way).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 # A small mixed corpus so the merges cover common English, code and some
@@ -108,6 +113,7 @@ def build_tiny_checkpoint(directory: Path, seed: int = 0) -> None:
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(TINY_SPEC["max_position_embeddings"]),
+        "chat_template": CHAT_TEMPLATE,
     }, indent=2, sort_keys=True) + "\n")
     _build_model(directory, seed, eos_id)
 

@@ -32,15 +32,16 @@ class LoadedModel:
 
 
 def resolve_checkpoint(config: EngineConfig) -> Path:
-    """The checkpoint directory for `config.model`; builds the tiny model on first use."""
-    if config.model == "tiny":
-        from engine.tiny_model import ensure_tiny_checkpoint
+    """The checkpoint directory for `config.model`: a built-in name (made on first use) or a directory."""
+    from engine import builtin_models
 
-        return ensure_tiny_checkpoint(config.cache_dir or None, seed=config.seed)
+    builtin = builtin_models.resolve(config.model, config.cache_dir or None, seed=config.seed)
+    if builtin is not None:
+        return builtin
     path = Path(config.model).expanduser()
     if not (path / "config.json").is_file():
-        raise EngineError(f"model must be \"tiny\" or a Hugging Face checkpoint directory with config.json, "
-                          f"got {config.model!r}")
+        raise EngineError(f"model must be a built-in name ({', '.join(builtin_models.names())}) or a Hugging "
+                          f"Face checkpoint directory with config.json, got {config.model!r}")
     return path
 
 

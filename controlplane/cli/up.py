@@ -82,6 +82,10 @@ def generate(
     max_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate at most")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="seed for reproducible sampling")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help=(
+        "send the text as a raw prompt; by default it is a user message, rendered with the model's chat "
+        "template when the model has one"))] = False,
+    system: Annotated[str, typer.Option(help="a system message before the prompt (chat only)")] = "",
     show_usage: Annotated[bool, typer.Option("--usage/--no-usage", help="print usage and timings")] = True,
 ) -> None:
     """Stream an answer from a router."""
@@ -90,17 +94,23 @@ def generate(
 
     try:
         with TandemClient(router) as client:
-            chosen = model
-            if not chosen:
-                models = client.list_models()
-                if not models:
-                    raise CliError(f"tandemctl: the router at {router} serves no model yet", 1)
-                chosen = models[0].name
+            models = client.list_models()
+            if not models:
+                raise CliError(f"tandemctl: the router at {router} serves no model yet", 1)
+            info = next((m for m in models if m.name == model), None) if model else models[0]
+            chosen = model or models[0].name
             sampling: SamplingArgs = {"max_tokens": max_tokens, "temperature": temperature}
             if seed is not None:
                 sampling["seed"] = seed
+            chat = not raw and info is not None and info.chat
+            if system and not chat:
+                raise CliError(f"tandemctl: --system needs a chat model; {chosen} takes raw prompts here", 2)
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
             last = None
-            for chunk in client.generate(prompt, model=chosen, **sampling):
+            stream = client.generate(messages=messages, model=chosen, **sampling) if chat \
+                else client.generate(prompt, model=chosen, **sampling)
+            for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk
