@@ -14,12 +14,11 @@ Rendering a hostile template can raise or produce any text, never run code.
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from engine.checkpoint_files import read_json_object, token_text
 from runtime.sampling import InvalidRequest
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -71,7 +70,7 @@ class ChatTemplate:
 
 def load_chat_template(directory: Path) -> ChatTemplate | None:
     """The checkpoint's chat template, or None when it has none. ValueError when it does not compile."""
-    config = _read_json(directory / "tokenizer_config.json")
+    config = read_json_object(directory / "tokenizer_config.json")
     source = config.get("chat_template")
     if isinstance(source, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {item.get("name"): item.get("template") for item in source if isinstance(item, Mapping)}
@@ -81,8 +80,8 @@ def load_chat_template(directory: Path) -> ChatTemplate | None:
         source = jinja.read_text() if jinja.is_file() else None
     if not source:
         return None
-    return ChatTemplate(source, bos_token=_token_text(config.get("bos_token")),
-                        eos_token=_token_text(config.get("eos_token")))
+    return ChatTemplate(source, bos_token=token_text(config.get("bos_token")),
+                        eos_token=token_text(config.get("eos_token")))
 
 
 def _raise_exception(message: str) -> None:
@@ -92,16 +91,3 @@ def _raise_exception(message: str) -> None:
 def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
-
-def _token_text(value: Any) -> str:
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) else ""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -10,13 +10,13 @@ special-token names from `tokenizer_config.json` (or the EOS id from
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from engine.base import EngineError, Tokenizer
 from engine.chat_template import ChatTemplate, load_chat_template
+from engine.checkpoint_files import read_json_object, token_text
 
 
 class HfTokenizer(Tokenizer):
@@ -77,26 +77,16 @@ def load_tokenizer(path: str | os.PathLike[str]) -> HfTokenizer:
 
 
 def _eos_id(directory: Path, backend: Any) -> int | None:
-    config = _read_json(directory / "tokenizer_config.json")
-    token = config.get("eos_token")
-    if isinstance(token, dict):
-        token = token.get("content")
-    if isinstance(token, str):
+    token = token_text(read_json_object(directory / "tokenizer_config.json").get("eos_token"))
+    if token:
         value = backend.token_to_id(token)
         if value is not None:
             return int(value)
     for name in ("generation_config.json", "config.json"):
-        eos = _read_json(directory / name).get("eos_token_id")
+        eos = read_json_object(directory / name).get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         if isinstance(eos, int):
             return eos
     return None
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -136,8 +136,7 @@ class LeaseSession:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        await cancel_and_wait(self._task)
         if self.lease_id:
             try:
                 await self.client.revoke(self.lease_id, timeout=min(self.ttl, 2.0))

@@ -139,9 +139,7 @@ class RegistryView:
         if self._closed:
             return
         self._closed = True
-        for task in (self._prober, self._watcher, self._runner):
-            if task is not None:
-                await cancel_and_wait(task)
+        await cancel_and_wait(self._prober, self._watcher, self._runner)
         for queue in self._subscribers:
             queue.put_nowait(_CLOSED)
 

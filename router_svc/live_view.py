@@ -56,9 +56,8 @@ class LiveView:
         self._task = asyncio.create_task(self._follow_registry(), name="router-view")
 
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.loads.close()
         await self.registry.close()
 

@@ -92,8 +92,7 @@ class WorkerRegistration:
         if self._closed:
             return
         self._closed = True
-        if self._watch_task is not None:
-            await cancel_and_wait(self._watch_task)
+        await cancel_and_wait(self._watch_task)
         await self._view.close()
         await self.deregister()
         await self.client.close()

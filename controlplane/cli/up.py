@@ -57,7 +57,7 @@ def up(
         console.print(f"  control plane (Admin):  {state.admin}")
         console.print(f"  etcd:                   {state.etcd}")
         console.print(f"  logs:                   {state.logs}")
-        console.print(f"  try: tandemctl generate --router {state.router} \"Hello\"")
+        console.print(f"  try: tandemctl generate --router {state.router} \"What is the capital of France?\"")
         console.print(f"       tandemctl --endpoint {state.admin} status\n")
         admin = AdminClient(Connection(endpoint=state.admin))
         try:

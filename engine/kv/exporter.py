@@ -81,8 +81,7 @@ class KvExporter:
     async def close(self) -> None:
         """Frees every handle, stops the sweeper and data sockets. Safe twice."""
         sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            await cancel_and_wait(sweeper)
+        await cancel_and_wait(sweeper)
         self.store.close()
         for producer in self._producers.values():
             await producer.close()

@@ -149,8 +149,7 @@ class SimEngine(Engine):
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        await cancel_and_wait(self._task)
         self._fail_all(EngineError("the engine was closed"))
 
     # -- properties -------------------------------------------------------
