@@ -42,7 +42,8 @@ from _fleet_sim import FleetSim, WorkerSpec, Workload, poisson_arrivals
 from engine.sim import ModelProfile, RooflineParams, get_profile, gpu_set, kv_capacity_blocks, prefill_seconds
 from router_svc.candidates import Role
 from router_svc.costmodel import CostConfig, CostModel
-from router_svc.policy import PolicyConfig, create_policy
+from router_svc.policies import create_policy
+from router_svc.policy import PolicyConfig
 
 PRICES = ROOT / "runtime" / "data" / "prices.toml"
 MODEL = "llama-3-70b"
@@ -168,7 +169,9 @@ def _run(fleet: Fleet, rate: float, workload: Workload, requests: int, seed: int
 
     profile = model_profile()
     policy = create_policy("expected-time", cost=CostModel(config=CostConfig(
-        same_host_kv_bytes_per_s=SAME_HOST_KV, cross_host_kv_bytes_per_s=CROSS_HOST_KV)), config=PolicyConfig())
+        same_host_kv_bytes_per_s=SAME_HOST_KV, cross_host_kv_bytes_per_s=CROSS_HOST_KV)),
+        # The simulator hands the policy exact loads at every decision: nothing to hold in flight.
+        config=PolicyConfig(inflight_hold_s=0))
     sim = FleetSim(fleet.specs(), profile, PARAMS, policy, workload, same_host_kv_bytes_per_s=SAME_HOST_KV,
                    cross_host_kv_bytes_per_s=CROSS_HOST_KV)
     arrivals = poisson_arrivals(requests, rate, seed)

@@ -271,7 +271,8 @@ def _write_load(endpoint: str, url: str, count: int, window: float, procs: int) 
 def _decision_times(workers: int, repeats: int) -> list[list[str]]:
     from router_svc.candidates_pb import fleet_view_from_pb, load_from_pb
     from router_svc.costmodel import ModelShape
-    from router_svc.policy import RouteRequest, create_policy, policy_names
+    from router_svc.policies import create_policy, policy_names
+    from router_svc.policy import RouteRequest
     from tandem.v1 import common_pb2, registry_pb2, worker_pb2
 
     rng = random.Random(7)

@@ -15,6 +15,9 @@ Lifecycle (numbered; each engine documents any extra guarantees):
      token, or no blob (prefill locally). Closing the iterator early (the
      consumer cancels) frees the sequence's KV at once.
    - ``engine.stats()``: a snapshot for load reports; cheap, never blocks.
+   - ``engine.model_shape``: the loaded model's size and KV footprint
+     (``ModelShape``), published in the worker's registry record so the
+     router prices work on this model, not on a default one.
 4. ``await engine.close()``: frees everything. Safe to call twice, and on an
    engine whose start() failed half way.
 
@@ -177,6 +180,26 @@ class DecodeStep:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What a router needs to price work of the loaded model (mirrors tandem.v1.ModelShape).
+
+    Computed by the engine from what it loaded, never declared by an operator.
+    """
+
+    # Every parameter: embeddings and all experts included.
+    total_params: float
+    # Parameters doing matmul work for one token: no input embedding table, only the routed experts.
+    active_params: float
+    # Bytes the weights occupy in device memory, all GPUs together.
+    weight_bytes: float
+    # K and V of one token over every layer: 2 * num_layers * num_kv_heads * head_dim * dtype bytes.
+    kv_bytes_per_token: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     queued_prefill_tokens: int = 0
     active_requests: int = 0
@@ -248,6 +271,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+    @property
+    def model_shape(self) -> ModelShape | None:
+        """The loaded model's shape, once start() has returned; None: unknown (the router assumes a default)."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None: ...

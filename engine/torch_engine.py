@@ -50,6 +50,7 @@ from engine.base import (
     EngineStats,
     InvalidRequest,
     KvLayoutSpec,
+    ModelShape,
     PrefillRequest,
     PrefillResult,
     Sampling,
@@ -72,6 +73,7 @@ class TorchEngine(Engine):
         self._runner: Any = None
         self._tokenizer: HfTokenizer | None = None
         self._layout: KvLayoutSpec | None = None
+        self._shape: ModelShape | None = None
         self._max_context = 0
         self._kv_blocks_total = 0
         self._vocab_size = 0
@@ -94,6 +96,7 @@ class TorchEngine(Engine):
         self.checkpoint = loaded.checkpoint
         self._tokenizer = load_tokenizer(loaded.checkpoint)
         self._layout = loaded.layout
+        self._shape = loaded.shape
         self._max_context = loaded.max_context
         self._kv_blocks_total = loaded.kv_blocks_total
         self._vocab_size = loaded.vocab_size
@@ -126,6 +129,11 @@ class TorchEngine(Engine):
     @property
     def layout(self) -> KvLayoutSpec:
         return self._require(self._layout, "layout")
+
+    @property
+    def model_shape(self) -> ModelShape:
+        """Counted from the loaded tensors (engine.torch_loader.model_shape)."""
+        return self._require(self._shape, "model")
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -1,4 +1,4 @@
-"""Loading a Hugging Face causal LM for the torch engine: checkpoint, device, dtype, layout, KV budget.
+"""Loading a Hugging Face causal LM for the torch engine: checkpoint, device, dtype, layout, shape, KV budget.
 
 Blocking (reads the weights); the engine calls it on a worker thread. Every
 failure is an EngineError that names the setting or the file.
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.base import EngineConfig, EngineError, KvLayoutSpec
+from engine.base import EngineConfig, EngineError, KvLayoutSpec, ModelShape
 from engine.torch_kv import DTYPES, cache_is_plain, model_fingerprint, new_cache
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class LoadedModel:
     max_context: int
     kv_blocks_total: int
     vocab_size: int
+    shape: ModelShape
 
 
 def resolve_checkpoint(config: EngineConfig) -> Path:
@@ -83,7 +84,29 @@ def load_model(config: EngineConfig) -> LoadedModel:
     vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
         else int(model.config.vocab_size)
     return LoadedModel(model, checkpoint, device, layout, max_context,
-                       _kv_blocks(config, layout, device), vocab)
+                       _kv_blocks(config, layout, device), vocab, model_shape(model, layout))
+
+
+def model_shape(model: Any, layout: KvLayoutSpec) -> ModelShape:
+    """The loaded model's size, counted from its tensors (no guessing from config names).
+
+    An untied input embedding is a lookup, not a matmul, so it is not active;
+    a tied one is the output projection too. Mixture-of-experts checkpoints
+    count every expert as active (their routing is not read from the config):
+    the router then overestimates their compute, the same for every worker.
+    """
+    params = list(model.parameters())  # shared (tied) tensors appear once
+    total = sum(p.numel() for p in params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = embedding is not None and output is not None and output.weight is embedding.weight
+    lookup = embedding.weight.numel() if embedding is not None and not tied else 0
+    element = torch.empty((), dtype=DTYPES[layout.dtype]).element_size()
+    return ModelShape(
+        total_params=float(total), active_params=float(max(1, total - lookup)), weight_bytes=float(weight_bytes),
+        kv_bytes_per_token=2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * element,
+        num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+    )
 
 
 def _probe_layout(model: Any, device: torch.device, fingerprint: str, config: EngineConfig) -> KvLayoutSpec:

@@ -42,6 +42,40 @@ class Role(enum.Enum):
         return self is Role.PREFILL
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about a model. Defaults: a Llama-3-8B-like model in bf16.
+
+    Workers publish theirs in the registry (WorkerRecord.model_shape); the
+    policy prices a request with the shape its model's workers publish.
+    """
+
+    # Parameters doing matmul work per token.
+    params: float = 8e9
+    # K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes.
+    kv_bytes_per_token: float = 2 * 32 * 8 * 128 * 2
+    # Weight bytes read per decode step, per active parameter.
+    bytes_per_param: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.params > 0:
+            raise ValueError(f"params must be > 0, got {self.params}")
+        if not self.kv_bytes_per_token >= 0:
+            raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
+        if not self.bytes_per_param > 0:
+            raise ValueError(f"bytes_per_param must be > 0, got {self.bytes_per_param}")
+
+    @property
+    def flops_per_token(self) -> float:
+        # One multiply-add per parameter per token; attention's share is small
+        # at the prompt lengths routing decisions hinge on.
+        return 2.0 * self.params
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.bytes_per_param
+
+
 @dataclass(frozen=True, slots=True)
 class Load:
     """The latest LoadReport of one worker (fast-changing; never in etcd)."""
@@ -102,6 +136,8 @@ class Candidate:
     # 0: no limit known beyond the model's.
     max_context_tokens: int = 0
     kv_transports: tuple[str, ...] = ()
+    # The served model's shape as the worker published it; None: not published.
+    shape: ModelShape | None = None
     load: Load | None = None
     # "" when routable; otherwise the first reason it is not.
     unroutable: str = ""
@@ -157,7 +193,7 @@ def make_candidate(
 
     `record` takes the remaining Candidate fields (node, host, gpu_type,
     gpu_count, kv_blocks_total, kv_block_size, max_batch_size,
-    max_context_tokens, kv_transports).
+    max_context_tokens, kv_transports, shape).
     """
     reason = unroutable_reason(
         state=state,

@@ -7,10 +7,11 @@ channels, no etcd. Every function is pure and may run concurrently.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping
 
 from registry.routable_pb import health_from_pb, worker_state_from_pb
-from router_svc.candidates import Candidate, FleetView, Load, Role, make_candidate
+from router_svc.candidates import Candidate, FleetView, Load, ModelShape, Role, make_candidate
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2
 
 _ROLES = {
@@ -34,6 +35,21 @@ def load_from_pb(report: worker_pb2.LoadReport, received_at: float) -> Load:
         prefix_cache_hit_rate=min(1.0, max(0.0, report.prefix_cache_hit_rate)),
         received_at=received_at,
     )
+
+
+def shape_from_pb(shape: registry_pb2.ModelShape) -> ModelShape | None:
+    """The cost model's view of a published shape; None when unset or unusable (no parameter count).
+
+    Per active parameter, the weights cost their average bytes: a
+    mixture-of-experts' quantized experts lower it, as they lower the bytes
+    a decode step reads.
+    """
+    if not math.isfinite(shape.active_params) or shape.active_params <= 0:
+        return None
+    usable = math.isfinite(shape.weight_bytes / shape.total_params) if shape.total_params > 0 else False
+    per_param = shape.weight_bytes / shape.total_params if usable and shape.weight_bytes > 0 else 2.0
+    return ModelShape(params=shape.active_params, kv_bytes_per_token=float(shape.kv_bytes_per_token),
+                      bytes_per_param=per_param)
 
 
 def candidate_from_pb(
@@ -73,6 +89,7 @@ def candidate_from_pb(
         max_batch_size=capacity.max_batch_size,
         max_context_tokens=capacity.max_context_tokens,
         kv_transports=tuple(record.kv_transports),
+        shape=shape_from_pb(record.model_shape) if record.HasField("model_shape") else None,
     )
 
 

@@ -15,39 +15,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from router_svc.candidates import Candidate
+# ModelShape lives with the candidates that publish it; imported from here too.
+from router_svc.candidates import Candidate, ModelShape
 from runtime.catalog import GpuCatalog, GpuModel, default_catalog
+
+__all__ = ["UNKNOWN_GPU", "CostConfig", "CostModel", "ModelShape", "blocks_needed"]
 
 # For workers whose gpu_type is empty or not in the catalog (CPU test
 # workers, new parts): a modest GPU, so a known fast part wins over it and a
 # fleet of unknown parts degenerates to load-based routing.
 UNKNOWN_GPU = GpuModel(catalog_id="unknown", nvml_names=(), bf16_tflops=100.0, memory_gb=24.0, hbm_tbps=0.5)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs to know about a model. Defaults: a Llama-3-8B-like model in bf16."""
-
-    params: float = 8e9
-    # K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes.
-    kv_bytes_per_token: float = 2 * 32 * 8 * 128 * 2
-    bytes_per_param: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not self.params > 0:
-            raise ValueError(f"params must be > 0, got {self.params}")
-        if not self.kv_bytes_per_token >= 0:
-            raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
-
-    @property
-    def flops_per_token(self) -> float:
-        # One multiply-add per parameter per token; attention's share is small
-        # at the prompt lengths routing decisions hinge on.
-        return 2.0 * self.params
-
-    @property
-    def weight_bytes(self) -> float:
-        return self.params * self.bytes_per_param
 
 
 @dataclass(frozen=True)

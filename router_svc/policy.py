@@ -17,7 +17,15 @@ Every policy shares one frame:
    asks for it ("local-required", e.g. a migration that rebuilds the KV of
    prompt + generated tokens on the new worker).
 3. The policy picks the decode worker, then (when disaggregated) the
-   prefill worker for it. The reason is then the policy's name.
+   prefill worker for it. The reason is then the policy's name. Among
+   equally good workers it draws one with its rng (seeded: reproducible),
+   never the lowest id, which would herd a burst onto one worker.
+
+The request is priced with its model's shape as the model's workers publish
+it (`RouteRequest.shape` overrides; `PolicyConfig.default_shape` when none
+does). Each decision is noted in the policy's `InflightLedger`, and every
+later decision sees it in the chosen workers' load until their load reports
+can show it (router_svc.inflight).
 
 No eligible decode worker: `NoCapacity` when some were only full (the
 servicer answers RESOURCE_EXHAUSTED with `retry_after_s`), `NoWorker`
@@ -37,6 +45,7 @@ from typing import ClassVar
 
 from router_svc.candidates import Candidate, FleetView
 from router_svc.costmodel import CostModel, ModelShape, blocks_needed
+from router_svc.inflight import Assignment, InflightLedger
 
 REASON_SHORT_PROMPT = "short-prompt"
 REASON_NO_PREFILL = "no-prefill-worker"
@@ -51,7 +60,8 @@ class RouteRequest:
     model: str
     prompt_tokens: int
     max_tokens: int
-    # The model's size and KV footprint; None: PolicyConfig.default_shape.
+    # The model's size and KV footprint; None: what the model's workers
+    # publish, else PolicyConfig.default_shape.
     shape: ModelShape | None = None
     # Worker ids that already failed this request (retries, migration).
     exclude: frozenset[str] = frozenset()
@@ -89,6 +99,8 @@ class Decision:
     reason: str
     policy: str
     estimates: Estimates
+    # The shape the request was priced with.
+    shape: ModelShape = field(default_factory=ModelShape)
 
     @property
     def local_prefill(self) -> bool:
@@ -128,7 +140,16 @@ class PolicyConfig:
     stale_load_penalty_s: float = 0.25
     # Hint carried by NoCapacity.
     retry_after_s: float = 1.0
+    # For models whose workers publish no shape.
     default_shape: ModelShape = field(default_factory=ModelShape)
+    # The policy's own assignments count in a worker's load until a report
+    # received inflight_reflect_s after the worker started the request (two
+    # of the router's 50 ms load intervals), or for inflight_hold_s at most.
+    # inflight_hold_s = 0: not counted.
+    inflight_reflect_s: float = 0.1
+    inflight_hold_s: float = 2.0
+    # Scores within this share of the best are equal (ties drawn by the rng).
+    tie_tolerance: float = 1e-9
 
 
 @dataclass
@@ -141,13 +162,17 @@ class _Pools:
     prefillers_seen: int = 0
     unroutable: Counter[str] = field(default_factory=Counter)
     full: Counter[str] = field(default_factory=Counter)
+    # Shapes the routable workers of the model publish.
+    shapes: Counter[ModelShape] = field(default_factory=Counter)
 
 
 class Policy(abc.ABC):
     """A routing policy. `choose` may run concurrently only for stateless policies.
 
-    Round-robin keeps a counter and random an rng: the router holds one
-    policy object and calls it from its event loop (one thread).
+    Every policy keeps its in-flight ledger (round-robin a counter too, and
+    ties are drawn by an rng): the router holds one policy object and calls
+    it from its event loop (one thread). `choose` notes the assignment it
+    returns; call it only for requests that will be sent.
     """
 
     name: ClassVar[str]
@@ -162,28 +187,33 @@ class Policy(abc.ABC):
         self.cost = cost if cost is not None else CostModel()
         self.config = config or PolicyConfig()
         self.rng = rng if rng is not None else random.Random(0)
+        self.inflight = InflightLedger(reflect_s=self.config.inflight_reflect_s, hold_s=self.config.inflight_hold_s)
 
     def choose(self, request: RouteRequest, view: FleetView, now: float) -> Decision:
-        """The pair for `request` in `view` at time `now`; raises NoWorker or NoCapacity."""
-        shape = request.shape or self.config.default_shape
-        pools = self._eligible(request, view)
+        """The pair for `request` in `view` at time `now`, noted as in flight; raises NoWorker or NoCapacity."""
+        pools = self._eligible(request, view, now)
         if not pools.decode:
             raise self._no_decode_error(request, pools)
+        shape = request.shape or self._published_shape(pools) or self.config.default_shape
 
         local_reason = self._local_reason(request, pools)
         decode = next((c for c in pools.decode if c.worker_id == request.decode_worker_id), None)
+        kept = decode is not None
         if decode is None:
             decode = self.pick_decode(pools.decode, request, shape, now, local=bool(local_reason))
         prefill = None
         if not local_reason:
             prefill = self.pick_prefill(pools.prefill, decode, request, shape, now)
-        return Decision(
+        decision = Decision(
             decode=decode,
             prefill=prefill,
             reason=local_reason or self.name,
             policy=self.name,
             estimates=self.estimate(prefill, decode, request, shape),
+            shape=shape,
         )
+        self._note(decision, request, now, decode_noted=kept)
+        return decision
 
     @abc.abstractmethod
     def pick_decode(
@@ -199,15 +229,18 @@ class Policy(abc.ABC):
 
     # -- shared frame ----------------------------------------------------------------
 
-    def _eligible(self, request: RouteRequest, view: FleetView) -> _Pools:
+    def _eligible(self, request: RouteRequest, view: FleetView, now: float) -> _Pools:
         pools = _Pools()
         context = request.prompt_tokens + request.max_tokens
-        for c in view.candidates(request.model):
-            if c.model != request.model:
+        for listed in view.candidates(request.model):
+            if listed.model != request.model:
                 continue
+            c = self.inflight.apply(listed, now)
             decodes, prefills = c.role.decodes, c.role.prefills_for_others
             pools.decoders_seen += decodes
             pools.prefillers_seen += prefills
+            if c.routable and c.shape is not None:
+                pools.shapes[c.shape] += 1
             if not c.routable:
                 pools.unroutable[c.unroutable] += 1
             elif c.worker_id in request.exclude:
@@ -224,6 +257,32 @@ class Policy(abc.ABC):
             elif prefills and not (c.max_context_tokens and request.prompt_tokens >= c.max_context_tokens):
                 (pools.saturated if self._saturated(c) else pools.prefill).append(c)
         return pools
+
+    @staticmethod
+    def _published_shape(pools: _Pools) -> ModelShape | None:
+        """The shape most routable workers of the model publish (they differ only mid-rollout)."""
+        common = pools.shapes.most_common(1)
+        return common[0][0] if common else None
+
+    def _note(self, decision: Decision, request: RouteRequest, now: float, *, decode_noted: bool) -> None:
+        """Notes the decision's work in the in-flight ledger, where each worker will see it start."""
+        prompt, prefill, estimates = request.prompt_tokens, decision.prefill, decision.estimates
+        if prefill is not None:
+            self.inflight.add(prefill.worker_id, Assignment(now, queued_tokens=prompt, kv_tokens=prompt))
+        if decode_noted:
+            return  # retrying only the prefill: the decode worker has it noted already
+        # A remote prefill's decode worker sees the request once the prompt is prefilled and moved.
+        lead = 0.0 if prefill is None else min(estimates.ttft_s + estimates.kv_transfer_s, self.inflight.hold_s)
+        self.inflight.add(decision.decode.worker_id, Assignment(
+            now + lead, queued_tokens=prompt if prefill is None else 0,
+            kv_tokens=prompt + request.max_tokens // 2, sequences=1))
+
+    def pick_least(self, pool: Sequence[Candidate], score: Callable[[Candidate], float]) -> Candidate:
+        """The lowest-scoring candidate; one drawn by the rng among those within tie_tolerance of it."""
+        scored = [(score(c), c) for c in pool]
+        best = min(s for s, _ in scored)
+        ties = [c for s, c in scored if s <= best + abs(best) * self.config.tie_tolerance]
+        return ties[0] if len(ties) == 1 else self.rng.choice(ties)
 
     def _saturated(self, c: Candidate) -> bool:
         if c.load is None:
@@ -309,7 +368,7 @@ class ExpectedTimePolicy(Policy):
                 s += self.cost.prefill_s(c, request.prompt_tokens, shape)
             return s
 
-        return min(pool, key=score)
+        return self.pick_least(pool, score)
 
     def pick_prefill(
         self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
@@ -318,112 +377,4 @@ class ExpectedTimePolicy(Policy):
             transfer = self.cost.kv_transfer_s(request.prompt_tokens, shape, _same_host(p, decode))
             return self.prefill_cost_s(p, request, shape) + transfer + self.stale_penalty_s(p, now)
 
-        return min(pool, key=score)
-
-
-def _utilisation(c: Candidate) -> float:
-    load = c.load
-    if load is None:
-        return 0.0
-    kv = load.kv_blocks_used / c.blocks_total if c.blocks_total else 0.0
-    batch = load.active_sequences / c.batch_limit if c.batch_limit else 0.0
-    return max(kv, batch)
-
-
-class LeastLoadedPolicy(Policy):
-    """Fewest queued prompt tokens (prefill) and lowest KV/batch utilisation (decode); blind to GPU type."""
-
-    name = "least-loaded"
-
-    def pick_decode(
-        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
-    ) -> Candidate:
-        return min(pool, key=lambda c: (_utilisation(c), c.load.active_sequences if c.load else 0))
-
-    def pick_prefill(
-        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
-    ) -> Candidate:
-        return min(pool, key=lambda c: (c.load.queued_prefill_tokens, c.load.active_requests) if c.load else (0, 0))
-
-
-class RoundRobinPolicy(Policy):
-    """Each model's eligible workers in worker_id order, in turn. Deterministic; not for concurrent use."""
-
-    name = "round-robin"
-
-    def __init__(
-        self,
-        *,
-        cost: CostModel | None = None,
-        config: PolicyConfig | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(cost=cost, config=config, rng=rng)
-        self.turns: Counter[tuple[str, str]] = Counter()
-
-    def _next(self, pool: Sequence[Candidate], key: tuple[str, str]) -> Candidate:
-        turn = self.turns[key]
-        self.turns[key] = turn + 1
-        return pool[turn % len(pool)]
-
-    def pick_decode(
-        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
-    ) -> Candidate:
-        return self._next(pool, (request.model, "decode"))
-
-    def pick_prefill(
-        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
-    ) -> Candidate:
-        return self._next(pool, (request.model, "prefill"))
-
-
-class RandomPolicy(Policy):
-    """Uniform choice with the injected rng (seed it for reproducible runs)."""
-
-    name = "random"
-
-    def pick_decode(
-        self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
-    ) -> Candidate:
-        return self.rng.choice(pool)
-
-    def pick_prefill(
-        self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
-    ) -> Candidate:
-        return self.rng.choice(pool)
-
-
-_POLICIES: dict[str, Callable[..., Policy]] = {
-    cls.name: cls for cls in (ExpectedTimePolicy, LeastLoadedPolicy, RoundRobinPolicy, RandomPolicy)
-}
-DEFAULT_POLICY = ExpectedTimePolicy.name
-
-
-def register_policy(name: str, factory: Callable[..., Policy]) -> None:
-    """Make a policy selectable by `name` (plugins, experiments)."""
-    _POLICIES[name] = factory
-
-
-def policy_names() -> list[str]:
-    return sorted(_POLICIES)
-
-
-def create_policy(
-    name: str = DEFAULT_POLICY,
-    *,
-    cost: CostModel | None = None,
-    config: PolicyConfig | None = None,
-    rng: random.Random | None = None,
-) -> Policy:
-    """A new policy of the registered kind `name`; ValueError names the known ones."""
-    try:
-        factory = _POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}") from None
-    return factory(cost=cost, config=config, rng=rng)
-
-
-def choose(request: RouteRequest, view: FleetView, now: float, *, policy: Policy | str = DEFAULT_POLICY) -> Decision:
-    """One decision. Pass a Policy object (not a name) to keep round-robin's turn across calls."""
-    chosen = create_policy(policy) if isinstance(policy, str) else policy
-    return chosen.choose(request, view, now)
+        return self.pick_least(pool, score)

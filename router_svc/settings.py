@@ -15,7 +15,8 @@ from pathlib import Path
 from engine.kv.selection import PREFERENCE, known_transports, usable_transports
 from registry.settings import CommonSettings
 from router_svc.models import DEFAULT_MAX_OUTPUT_TOKENS
-from router_svc.policy import DEFAULT_POLICY, PolicyConfig, policy_names
+from router_svc.policies import DEFAULT_POLICY, policy_names
+from router_svc.policy import PolicyConfig
 from runtime.sampling import DEFAULT_MAX_TOKENS
 from runtime.setting import setting
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
     """Cancels each task and waits until every one has finished. Safe on finished tasks and None.
 
-    The tasks' own CancelledError is swallowed, so cleanup code can go on
-    after it; a task that had failed with another error re-raises it here
-    (after all have finished). A cancellation of the caller while it waits
+    For close() paths: it never raises what the tasks raised. Their own
+    CancelledError is expected; a task that had already died of another
+    error is logged (with its traceback) and otherwise ignored, so the rest of
+    the cleanup still runs. A cancellation of the caller while it waits
     propagates at once; `await task` would instead hand it to the task and
     could lose it.
     """
@@ -23,4 +27,4 @@ async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
     for task in pending:
         error = None if task.cancelled() else task.exception()
         if error is not None:
-            raise error
+            log.warning("background task %s had failed: %s", task.get_name(), error, exc_info=error)

@@ -1,10 +1,15 @@
 """The life of a worker process, shared by prefill and decode.
 
-    start gRPC (health NOT_SERVING) -> register STARTING -> load the engine
-    -> claim GPUs -> register READY, health SERVING, ready file
+    start gRPC (health NOT_SERVING) -> register STARTING -> claim GPUs
+    -> load the engine -> register READY, health SERVING, ready file
     -> serve ... SIGTERM/SIGINT or drain intent ...
     -> stop admitting (UNAVAILABLE), state DRAINING, finish in-flight work
     -> revoke the lease (record and claims vanish) -> stop gRPC -> close engine
+
+GPUs are claimed before the model loads: a worker pointed at GPUs another
+worker holds exits at once with EXIT_GPU_CLAIMED (the systemd units do not
+restart on it) instead of loading weights onto a busy GPU first. The claim
+waits for etcd as long as it takes; SIGTERM/SIGINT ends that wait.
 
 A drain intent (tandemctl drain) runs the same drain but keeps the process
 up and deregistered; removing the intent registers it again.
@@ -19,7 +24,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -30,17 +35,22 @@ from runtime import __version__ as tandem_version
 from runtime.metrics import MetricsEndpoint
 from runtime.sampling import Sampling, check_model, check_prompt, sampling_from_proto
 from runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
+from runtime.tasks import cancel_and_wait
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 from worker.admission import Admission
 from worker.load import LoadReporter, WorkerLoadServicer
 from worker.metrics import WorkerMetrics
-from worker.registration import WorkerRegistration
+from worker.registration import WorkerRegistration, model_shape_to_pb
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# Exit statuses. The worker units list the ones a restart cannot fix in
+# RestartPreventExitStatus= (tests/integration/test_systemd_units.py checks it).
+EXIT_BAD_SETTINGS = 2
 EXIT_ENGINE_FAILED = 3
 EXIT_GPU_CLAIMED = 4
+NO_RESTART_EXIT_STATUSES = (EXIT_BAD_SETTINGS, EXIT_GPU_CLAIMED)
 
 
 @dataclass
@@ -121,7 +131,8 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
     service = GrpcService(settings.listen, service_names=[*role.service_names, "tandem.v1.Worker"], tls=tls)
     host = settings.advertise_host or socket.gethostname()
     ctx = WorkerContext(settings, role.role, worker_id, node, host, engine, admission,
-                        WorkerMetrics(role.role_name, worker_id, lambda: _load_snapshot(ctx, role)))
+                        WorkerMetrics(role.role_name, worker_id, lambda: _load_snapshot(ctx, role),
+                                      model=engine.model_name))
     role.mount(ctx, service.server)
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role))), service.server)
@@ -144,6 +155,8 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
     async def on_drain(wanted: bool) -> None:
         if wanted:
             admission.start_draining()
+            if metrics is not None:
+                metrics.draining()
             await registration.set_state(registry_pb2.WORKER_STATE_DRAINING)
             await admission.wait_idle(timeout=float("inf"))
             if admission.draining:
@@ -151,6 +164,8 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
                 await service.set_serving(False)
         else:
             admission.stop_draining()
+            if metrics is not None:
+                metrics.serving()
             await registration.register_again()
             await registration.set_state(registry_pb2.WORKER_STATE_READY)
             await service.set_serving(True)
@@ -159,21 +174,25 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
     status = 0
     try:
         await registration.start()
+        try:
+            if not await _unless_stopped(stop, registration.claim_gpus(settings.gpu_uuid_list())):
+                log.info("stopped while waiting to claim GPUs; the model was not loaded")
+                return 0
+        except GpuAlreadyClaimed as exc:
+            log.error("cannot claim GPUs: %s; exiting with status %d without loading the model",
+                      exc, EXIT_GPU_CLAIMED)
+            return EXIT_GPU_CLAIMED
         log.info("loading engine", extra={"engine": settings.engine, "model": settings.model})
         try:
             await engine.start()
         except EngineError as exc:
             log.error("engine failed to start: %s", exc)
             return EXIT_ENGINE_FAILED
-        try:
-            await registration.claim_gpus(settings.gpu_uuid_list())
-        except GpuAlreadyClaimed as exc:
-            log.error("cannot claim GPUs: %s", exc)
-            return EXIT_GPU_CLAIMED
         stats = engine.stats()
         record.capacity.CopyFrom(registry_pb2.WorkerCapacity(
             kv_blocks_total=stats.kv_blocks_total, kv_block_size_tokens=stats.kv_block_size,
             max_batch_size=stats.max_batch_size, max_context_tokens=engine.max_context_tokens))
+        record.model_shape.CopyFrom(model_shape_to_pb(engine.model_shape))
         if not admission.draining:
             await registration.set_state(registry_pb2.WORKER_STATE_READY)
             await service.set_serving(True)
@@ -182,10 +201,31 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
         log.info("worker ready", extra={"worker_id": worker_id, "endpoint": endpoint})
         await stop.wait()
     finally:
+        if metrics is not None:
+            metrics.draining()
         status = await _shutdown(settings, service, admission, registration, role, engine)
         if metrics is not None:
             metrics.close()
     return status
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
+    """Awaits `work` unless `stop` is set first, which cancels it. True when `work` finished.
+
+    `work`'s own exception propagates; so does a cancellation of the caller (after `work` is cancelled).
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            await cancel_and_wait(task)
+        await cancel_and_wait(stopped)
+    if task.cancelled():
+        return False
+    task.result()
+    return True
 
 
 async def _shutdown(settings: WorkerSettings, service: GrpcService, admission: Admission,
@@ -217,6 +257,6 @@ def main_for(role: WorkerRole, prog: str, section: str, argv: Sequence[str] | No
                                description=f"Tandem {section} worker")
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTINGS
     configure_logging(prog, settings.log_level, settings.log_format)
     return asyncio.run(run_worker(settings, role))

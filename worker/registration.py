@@ -5,6 +5,11 @@ Contract:
   lease; it does not wait for etcd, so a worker comes up while etcd is away
   and registers as soon as etcd answers (the session rewrites bound keys).
 - `claim_gpus()` claims every GPU or none; GpuAlreadyClaimed names holders.
+  It waits for etcd as long as it takes (capped backoff, a log line per
+  attempt with the reason and the next delay); cancel it to give up.
+  Once claimed, when the node agent's inventory lists the GPUs, the record's
+  gpu_type and gpu_count are theirs (`gpus_from_inventory`), whatever the
+  flags said; the next `set_state()` publishes them.
 - `set_state()` rewrites the record in place (same key, same lease).
 - Drain intents for this worker are watched; `on_drain(True/False)` is
   called when one appears or is removed (operators' `tandemctl drain`).
@@ -16,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
-from registry.etcd_client import EtcdClient
+from engine.base import ModelShape
+from registry.claims import GpuAlreadyClaimed
+from registry.etcd_client import EtcdClient, EtcdUnavailable
 from registry.keys import Kind
 from registry.session import LeaseSession
 from registry.store import Registry
@@ -28,6 +36,48 @@ from tandem.v1 import registry_pb2
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+
+def model_shape_to_pb(shape: ModelShape | None) -> registry_pb2.ModelShape:
+    """What WorkerRecord.model_shape carries for the engine's shape (empty when the engine knows none)."""
+    if shape is None:
+        return registry_pb2.ModelShape()
+    return registry_pb2.ModelShape(
+        total_params=shape.total_params, active_params=shape.active_params, weight_bytes=shape.weight_bytes,
+        kv_bytes_per_token=shape.kv_bytes_per_token, num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
+
+
+def gpus_from_inventory(node: registry_pb2.NodeRecord | None, gpu_uuids: Sequence[str],
+                        gpu_type: str, gpu_count: int) -> tuple[str, int, str]:
+    """(gpu_type, gpu_count, why the flags were overridden or kept; "" when they agree). Pure.
+
+    The claimed GPUs' catalog ids in the node agent's inventory are the
+    truth; the flags stand only where the inventory cannot answer (no agent,
+    a GPU it does not list or could not match to the catalog).
+    """
+    if node is None or not gpu_uuids:
+        return gpu_type, gpu_count, ""
+    listed = {gpu.uuid: gpu for gpu in node.gpus}
+    missing = [uuid for uuid in gpu_uuids if uuid not in listed]
+    if missing:
+        return gpu_type, gpu_count, (f"GPUs {', '.join(missing)} are not in node {node.node!r}'s inventory; "
+                                     f"keeping --gpu-type {gpu_type!r} --gpu-count {gpu_count}")
+    types = sorted({listed[uuid].catalog_id for uuid in gpu_uuids})
+    if len(types) != 1 or not types[0]:
+        names = ", ".join(sorted({listed[uuid].name for uuid in gpu_uuids}))
+        return gpu_type, gpu_count, (f"the claimed GPUs ({names}) are not of one catalog type; "
+                                     f"keeping --gpu-type {gpu_type!r} --gpu-count {gpu_count}")
+    found, count = types[0], len(gpu_uuids)
+    if (gpu_type and gpu_type != found) or gpu_count not in (1, count):
+        return found, count, (f"node {node.node!r}'s inventory has the claimed GPUs as {count}x {found}; "
+                              f"that, not --gpu-type {gpu_type!r} --gpu-count {gpu_count}, is published")
+    return found, count, ""
+
+
+# Waits between GPU claim attempts while etcd does not answer: doubling, capped.
+CLAIM_RETRY_FIRST_S = 0.5
+CLAIM_RETRY_MAX_S = 5.0
 
 
 class WorkerRegistration:
@@ -62,13 +112,55 @@ class WorkerRegistration:
         await self.registry.register_worker(self.session, self.record)
 
     async def claim_gpus(self, gpu_uuids: list[str]) -> None:
-        """Claims the GPUs (waiting up to the lease TTL for etcd to grant a lease first)."""
-        assert self.session is not None
+        """Claims the GPUs, all or none, however long etcd takes to answer; cancel it to give up.
+
+        Raises GpuAlreadyClaimed naming the holders. A claim still held under
+        this worker's own id (its previous process, killed before it could
+        revoke its lease) is waited out for a few lease TTLs first.
+        """
+        session = self.session
+        assert session is not None
         if not gpu_uuids:
             return
-        await self.session.wait_alive(self.settings.lease_ttl)
-        await self.registry.claim_gpus(self.session, self.worker_id, self.record.role, self.record.node, gpu_uuids)
+        ttl = self.settings.lease_ttl
+        attempt, stale_since = 0, 0.0
+        while True:
+            attempt += 1
+            try:
+                await self.registry.claim_gpus(session, self.worker_id, self.record.role, self.record.node,
+                                               gpu_uuids)
+                break
+            except EtcdUnavailable as exc:
+                reason = str(exc)
+            except GpuAlreadyClaimed as exc:
+                stale_since = stale_since or time.monotonic()
+                if set(exc.holders.values()) != {self.worker_id} or time.monotonic() - stale_since > 3 * ttl:
+                    raise
+                reason = f"{exc} (a previous process of this worker: its lease expires within {ttl} s)"
+            delay = min(CLAIM_RETRY_FIRST_S * 2 ** (attempt - 1), CLAIM_RETRY_MAX_S)
+            log.warning("GPU claim attempt %d failed: %s; retrying in %.1f s", attempt, reason, delay,
+                        extra={"worker_id": self.worker_id, "gpus": ",".join(gpu_uuids)})
+            if session.alive:
+                await asyncio.sleep(delay)
+            else:
+                await session.wait_alive(delay)  # etcd's first answer cuts the wait short
+        if attempt > 1:
+            log.info("GPUs claimed after %d attempts", attempt, extra={"gpus": ",".join(gpu_uuids)})
         self._claimed = list(gpu_uuids)
+        await self._gpus_from_inventory(gpu_uuids)
+
+    async def _gpus_from_inventory(self, gpu_uuids: list[str]) -> None:
+        """Takes gpu_type and gpu_count from the agent's record of this node, when there is one."""
+        try:
+            entry = await self.registry.get(Kind.NODE, self.record.node) if self.record.node else None
+        except EtcdUnavailable as exc:  # the flags stand, as without an agent
+            log.warning("cannot read node %r's inventory (%s); GPU type from --gpu-type", self.record.node, exc)
+            return
+        gpu_type, gpu_count, why = gpus_from_inventory(entry.record if entry is not None else None, gpu_uuids,
+                                                       self.settings.gpu_type, self.settings.gpu_count)
+        if why:
+            log.warning("%s", why, extra={"worker_id": self.worker_id})
+        self.record.gpu_type, self.record.gpu_count = gpu_type, gpu_count
 
     async def set_state(self, state: registry_pb2.WorkerState.ValueType) -> None:
         self.record.state = state

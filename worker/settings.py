@@ -19,8 +19,9 @@ from engine.base import EngineConfig, engine_names
 from engine.kv.selection import WORKER_DEFAULT, known_transports, usable_transports
 from engine.sim.settings import DEFAULT_KV_BYTES, KV_BYTES_MODES
 from registry.settings import CommonSettings
+from runtime.catalog import CatalogError, default_catalog
 from runtime.peers import default_node_name
-from runtime.setting import setting
+from runtime.setting import ConfigError, setting, specs
 
 # What the torch engine computes in; other engines ignore it.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,7 +42,8 @@ class WorkerSettings(CommonSettings):
     served_model_name: str = setting(_ENGINE.served_name, "name the model is served under (default: model)")
     device: str = setting(_ENGINE.device, "torch device: cpu, cuda, cuda:N")
     dtype: str = setting(_ENGINE.dtype, "torch compute dtype", choices=DTYPES)
-    gpu_type: str = setting(_ENGINE.gpu_type, "GPU catalog id of this worker's GPUs (H100-SXM, ...)")
+    gpu_type: str = setting(_ENGINE.gpu_type, "GPU catalog id of this worker's GPUs (H100-SXM, ...); "
+                            "the node inventory of claimed GPUs overrides it")
     gpu_count: int = setting(_ENGINE.gpu_count, "GPUs this worker spans", min=1, max=1024)
     gpu_uuids: str = setting("", "comma-separated GPU uuids to claim exclusively")
     max_batch_size: int = setting(_ENGINE.max_batch_size, "sequences decoded together at most", min=1)
@@ -63,6 +65,30 @@ class WorkerSettings(CommonSettings):
     tls_cert: Path | None = setting(None, "serve TLS with this certificate")
     tls_key: Path | None = setting(None, "private key of --tls-cert")
     tls_client_ca: Path | None = setting(None, "require client certificates from this CA")
+
+    def __post_init__(self) -> None:
+        self.gpu_type = self._catalog_gpu_type()
+
+    def _catalog_gpu_type(self) -> str:
+        """--gpu-type as the catalog spells it ("h100 sxm" -> "H100-SXM"; an NVML name works too).
+
+        A typo must not become an unknown GPU that the router prices at default
+        rates: an id the catalog does not know is refused, naming the known ones.
+        """
+        if not self.gpu_type.strip():
+            return ""
+        try:
+            catalog = default_catalog()
+        except CatalogError as exc:
+            raise ConfigError(f"the GPU catalog: {exc}") from None
+        if self.gpu_type in catalog:
+            return self.gpu_type
+        found = catalog.match(self.gpu_type)
+        if found is None:
+            spec = next(spec for spec in specs(WorkerSettings) if spec.name == "gpu_type")
+            raise spec.problem(f"must be a GPU catalog id ({', '.join(catalog.ids())}) or empty, "
+                               f"got {self.gpu_type!r}")
+        return found.catalog_id
 
     def resolved_worker_id(self, role: str) -> str:
         return self.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"

@@ -35,6 +35,7 @@ from engine.base import (
     KvBlob,
     KvLayoutSpec,
     KvMismatch,
+    ModelShape,
     PrefillRequest,
     PrefillResult,
     Sampling,
@@ -162,6 +163,12 @@ class SimEngine(Engine):
     def layout(self) -> KvLayoutSpec:
         self._check_started()
         return self._layout
+
+    @property
+    def model_shape(self) -> ModelShape:
+        """The profile's shape (see ModelProfile.model_shape)."""
+        self._check_started()
+        return self.profile.model_shape()
 
     @property
     def tokenizer(self) -> ByteTokenizer:

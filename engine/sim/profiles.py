@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.base import EngineError
+from engine.base import EngineError, ModelShape
 
 BF16_BYTES = 2.0
 MXFP4_BYTES = 4.25 / 8
@@ -77,6 +77,14 @@ class ModelProfile:
     def kv_bytes_per_token(self) -> int:
         """K and V for every layer: 2 * layers * kv_heads * head_dim * dtype bytes."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    def model_shape(self) -> ModelShape:
+        """The shape a sim worker publishes for the router's cost model."""
+        return ModelShape(
+            total_params=self.total_params, active_params=self.active_params, weight_bytes=self.weight_bytes,
+            kv_bytes_per_token=self.kv_bytes_per_token, num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        )
 
     def describe(self) -> str:
         """One line for benchmark output."""

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from router_svc.candidates import Candidate, FleetView, Health, Load, Role, WorkerState, make_candidate
+from router_svc.policies import choose, create_policy, policy_names
 from router_svc.policy import (
     REASON_LOCAL_REQUIRED,
     REASON_NO_PREFILL,
@@ -17,13 +18,13 @@ from router_svc.policy import (
     NoWorker,
     PolicyConfig,
     RouteRequest,
-    choose,
-    create_policy,
-    policy_names,
 )
 
 NOW = 1000.0
 MODEL = "llama-8b"
+# For loops of decisions on one unchanging view: the policy's own assignments
+# would pile up in it (see test_policy_inflight.py), hiding what is tested.
+NO_INFLIGHT = PolicyConfig(inflight_hold_s=0)
 
 
 def worker(
@@ -196,7 +197,7 @@ def test_excluded_workers_are_never_chosen(name: str) -> None:
         worker("p1", Role.PREFILL), worker("p2", Role.PREFILL, "L40S"),
         worker("d1", Role.DECODE), worker("d2", Role.DECODE, "L40S"),
     )
-    policy = create_policy(name, rng=random.Random(3))
+    policy = create_policy(name, rng=random.Random(3), config=NO_INFLIGHT)
     for _ in range(20):
         decision = policy.choose(req(exclude=frozenset({"p1", "d1"})), fleet, NOW)
         assert decision.decode.worker_id == "d2"
@@ -229,7 +230,7 @@ def test_drained_cordoned_and_not_serving_workers_are_never_chosen(name: str) ->
                               load=draining_load, gpu_type="B200"))
     good = [worker("d-ok", Role.DECODE, "L4", active=30), worker("p-ok", Role.PREFILL, "L4", queued=9000)]
     fleet = view(*bad, *good)
-    policy = create_policy(name, rng=random.Random(7))
+    policy = create_policy(name, rng=random.Random(7), config=NO_INFLIGHT)
     for _ in range(30):
         decision = policy.choose(req(), fleet, NOW)
         assert decision.decode.worker_id == "d-ok"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from router_svc.candidates import Health, Role, WorkerState, unroutable_reason
 from router_svc.candidates_pb import candidate_from_pb, fleet_view_from_pb, load_from_pb
-from router_svc.policy import RouteRequest, choose
+from router_svc.policies import choose
+from router_svc.policy import RouteRequest
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2
 
 

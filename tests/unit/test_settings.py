@@ -12,7 +12,8 @@ from engine.kv.exporter import KvExporter
 from engine.kv.selection import PREFERENCE, WORKER_DEFAULT, usable_transports
 from router_svc import __main__ as router_main
 from router_svc.models import DEFAULT_MAX_OUTPUT_TOKENS, ModelCatalog
-from router_svc.policy import DEFAULT_POLICY, PolicyConfig
+from router_svc.policies import DEFAULT_POLICY
+from router_svc.policy import PolicyConfig
 from router_svc.settings import RouterSettings
 from runtime.config import ConfigError, load_config
 from runtime.sampling import DEFAULT_MAX_TOKENS

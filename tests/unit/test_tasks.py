@@ -48,11 +48,11 @@ async def test_the_callers_own_cancellation_propagates() -> None:
     await task
 
 
-async def test_a_task_that_had_failed_reraises_its_error() -> None:
+async def test_a_task_that_had_failed_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     async def broken() -> None:
         raise RuntimeError("watch loop died")
 
-    task = asyncio.create_task(broken())
+    task = asyncio.create_task(broken(), name="watcher")
     await asyncio.sleep(0)
-    with pytest.raises(RuntimeError, match="watch loop died"):
-        await cancel_and_wait(task)
+    await cancel_and_wait(task)  # cleanup goes on
+    assert "background task watcher had failed: watch loop died" in caplog.text

@@ -335,6 +335,57 @@ class WorkerCapacity(_message.Message):
 Global___WorkerCapacity: _TypeAlias = WorkerCapacity  # noqa: Y015
 
 @_typing.final
+class ModelShape(_message.Message):
+    """The served model's size as the router's cost model prices it, computed by
+    the engine from what it loaded (torch: the checkpoint's config and weights;
+    sim: its model profile). Unset (records of older workers): the router
+    assumes a default shape (a Llama-3-8B in bf16).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_PARAMS_FIELD_NUMBER: _builtins.int
+    ACTIVE_PARAMS_FIELD_NUMBER: _builtins.int
+    WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    NUM_KV_HEADS_FIELD_NUMBER: _builtins.int
+    HEAD_DIM_FIELD_NUMBER: _builtins.int
+    total_params: _builtins.float
+    """Every parameter: embeddings and every expert included."""
+    active_params: _builtins.float
+    """Parameters that do matmul work for one token: all but the input
+    embedding table and, for a mixture of experts, the experts not routed to.
+    """
+    weight_bytes: _builtins.float
+    """Bytes the weights occupy in GPU memory, all the worker's GPUs together."""
+    kv_bytes_per_token: _builtins.int
+    """K and V of one token over every layer:
+    2 * num_layers * num_kv_heads * head_dim * KV dtype bytes.
+    """
+    num_layers: _builtins.int
+    num_kv_heads: _builtins.int
+    head_dim: _builtins.int
+    def __init__(
+        self,
+        *,
+        total_params: _builtins.float = ...,
+        active_params: _builtins.float = ...,
+        weight_bytes: _builtins.float = ...,
+        kv_bytes_per_token: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
+        num_kv_heads: _builtins.int = ...,
+        head_dim: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_params", b"active_params", "head_dim", b"head_dim", "kv_bytes_per_token", b"kv_bytes_per_token", "num_kv_heads", b"num_kv_heads", "num_layers", b"num_layers", "total_params", b"total_params", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelShape: _TypeAlias = ModelShape  # noqa: Y015
+
+@_typing.final
 class VersionInfo(_message.Message):
     """Software versions of a worker."""
 
@@ -386,6 +437,7 @@ class WorkerRecord(_message.Message):
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    MODEL_SHAPE_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     worker_id: _builtins.str
     role: _common_pb2.Role.ValueType
@@ -423,6 +475,12 @@ class WorkerRecord(_message.Message):
     def kv_transports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """KV transports this worker can serve (prefill) or use (decode)."""
 
+    @_builtins.property
+    def model_shape(self) -> Global___ModelShape:
+        """Size and KV footprint of the served model, for the router's
+        expected-time scoring; set once the engine has loaded it.
+        """
+
     def __init__(
         self,
         *,
@@ -445,10 +503,11 @@ class WorkerRecord(_message.Message):
         started_at_unix_ms: _builtins.int = ...,
         lease_id: _builtins.int = ...,
         host: _builtins.str = ...,
+        model_shape: Global___ModelShape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "versions", b"versions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "model_shape", b"model_shape", "versions", b"versions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "endpoint", b"endpoint", "engine", b"engine", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "gpu_uuids", b"gpu_uuids", "host", b"host", "kv_transports", b"kv_transports", "lease_id", b"lease_id", "metrics_endpoint", b"metrics_endpoint", "model", b"model", "node", b"node", "role", b"role", "schema_version", b"schema_version", "simulated", b"simulated", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "versions", b"versions", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "endpoint", b"endpoint", "engine", b"engine", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "gpu_uuids", b"gpu_uuids", "host", b"host", "kv_transports", b"kv_transports", "lease_id", b"lease_id", "metrics_endpoint", b"metrics_endpoint", "model", b"model", "model_shape", b"model_shape", "node", b"node", "role", b"role", "schema_version", b"schema_version", "simulated", b"simulated", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "versions", b"versions", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
