@@ -3,33 +3,44 @@
     etcd (embedded, unless --etcd) -> node agent -> control plane
       -> prefill and decode workers -> router
 
-Planning is pure (`plan_workers`): which worker runs with which role on which
-(simulated) GPU. Running is `LocalFactory`: each child is a real process
+Planning is pure (`plan_workers`, `check_options`): which worker runs with
+which role on which (simulated) GPU, and every option checked before any
+process starts. Running is `LocalFactory`: each child is a real process
 started through controlplane.supervisor and waited for until it serves;
-`stop()` stops them in reverse order by PID (each revokes its own lease on
-SIGTERM), then etcd. The state file (`up.json` in the state directory) lists
-every endpoint and PID, for scripts and tests.
+setting `abort` (Ctrl-C) cuts start-up short at once. `stop()` stops what
+started in reverse order by PID (each revokes its own lease on SIGTERM),
+then etcd; setting `hurry` (a second Ctrl-C) skips the grace. The state file
+(`up.json` in the state directory) lists every endpoint, metrics endpoint
+and PID; it is rewritten as each process starts ("status": "starting") and
+once all serve ("status": "up"), for scripts and tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from controlplane.etcd_server import EtcdServer
+from controlplane.etcd_server import EtcdServer, EtcdStartError
 from controlplane.simulated_gpus import simulated_gpus
-from controlplane.supervisor import ManagedProcess
+from controlplane.supervisor import ManagedProcess, ProcessStartError, StartAborted
 from runtime.catalog import GpuCatalog, default_catalog
 from runtime.peers import default_node_name
 
 # Share of a simulated fleet's GPUs that prefill: prompt work is heavy per
 # request but short; most GPUs decode. 1/3 is a common starting ratio.
 PREFILL_SHARE = 1 / 3
+# The sim engine models a GPU; without --fleet each sim worker gets one of these.
+DEFAULT_SIM_GPU = "H100-SXM"
+ENGINES = ("torch", "sim")
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,8 @@ def plan_workers(engine: str, fleet: str, prefill: int, decode: int, node: str,
                  catalog: GpuCatalog | None = None) -> list[WorkerPlan]:
     """The workers of a local factory. Pure.
 
-    Without a fleet: `prefill` + `decode` workers with no GPU (CPU).
+    Without a fleet: `prefill` + `decode` workers with no GPU (CPU), or for
+    the sim engine each on a simulated DEFAULT_SIM_GPU (it models one).
     With a fleet ("H100-SXM:2,A100-80GB:4", sim engine): one worker per
     simulated GPU; the most compute-rich GPUs (highest bf16 FLOP/s per HBM
     byte/s) prefill, about PREFILL_SHARE of them, the bandwidth-rich rest
@@ -55,8 +67,13 @@ def plan_workers(engine: str, fleet: str, prefill: int, decode: int, node: str,
             raise ValueError("a factory needs at least one decode worker (--decode 1)")
         if prefill < 0:
             raise ValueError(f"--prefill must be >= 0, got {prefill}")
-        return ([WorkerPlan(f"prefill-{i}", "prefill") for i in range(prefill)]
-                + [WorkerPlan(f"decode-{i}", "decode") for i in range(decode)])
+        plans = ([WorkerPlan(f"prefill-{i}", "prefill") for i in range(prefill)]
+                 + [WorkerPlan(f"decode-{i}", "decode") for i in range(decode)])
+        if engine != "sim":
+            return plans
+        sims = simulated_gpus(node, default_fleet(engine, fleet, prefill, decode), catalog or default_catalog())
+        return [WorkerPlan(plan.name, plan.role, gpu.catalog_id, gpu.uuid)
+                for plan, gpu in zip(plans, sims, strict=True)]
     if engine != "sim":
         raise ValueError("--fleet simulates GPUs and needs --engine sim")
     catalog = catalog or default_catalog()
@@ -76,6 +93,55 @@ def plan_workers(engine: str, fleet: str, prefill: int, decode: int, node: str,
     return plans
 
 
+def default_fleet(engine: str, fleet: str, prefill: int, decode: int) -> str:
+    """The simulated GPUs the node agent declares: `fleet`, or one DEFAULT_SIM_GPU per sim worker. Pure."""
+    if fleet or engine != "sim":
+        return fleet
+    return f"{DEFAULT_SIM_GPU}:{prefill + decode}"
+
+
+def _address_problem(flag: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"{flag} expects host:port (port 0..65535, 0 for any free one), got {value!r}"
+    return ""
+
+
+def check_options(options: FactoryOptions) -> list[str]:
+    """Every problem with `options` a person can fix, before anything starts. Pure (no ports probed)."""
+    problems = []
+    if options.engine not in ENGINES:
+        problems.append(f"--engine must be one of {', '.join(ENGINES)}, got {options.engine!r}")
+    else:
+        try:
+            plan_workers(options.engine, options.fleet, options.prefill, options.decode, options.node)
+        except ValueError as exc:
+            problems.append(str(exc))
+    for flag, value in (("--router-listen", options.router_listen), ("--admin-listen", options.admin_listen)):
+        problems.append(_address_problem(flag, value))
+    for endpoint in filter(None, options.etcd.split(",")):
+        problems.append(_address_problem("--etcd", endpoint.strip().removeprefix("http://")))
+    if options.router_listen == options.admin_listen and not options.router_listen.endswith(":0"):
+        problems.append(f"--router-listen and --admin-listen are both {options.router_listen}")
+    return [p for p in problems if p]
+
+
+def busy_ports(options: FactoryOptions) -> list[str]:
+    """The fixed listen addresses something else already holds (a factory still running?)."""
+    problems = []
+    for flag, value in (("--router-listen", options.router_listen), ("--admin-listen", options.admin_listen)):
+        host, _, port = value.rpartition(":")
+        if int(port) == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as sock:
+            try:
+                sock.bind((host.strip("[]"), int(port)))
+            except OSError as exc:
+                problems.append(f"{value} ({flag}) is not free: {exc.strerror}. Is another factory running? "
+                                f"Stop it, or pass {flag} HOST:0 for any free port.")
+    return problems
+
+
 @dataclass
 class FactoryOptions:
     engine: str = "torch"
@@ -89,6 +155,7 @@ class FactoryOptions:
     state_dir: Path | None = None
     lease_ttl: int = 5
     speedup: float = 1.0
+    metrics: bool = True
     node: str = field(default_factory=default_node_name)
 
     @property
@@ -99,57 +166,99 @@ class FactoryOptions:
 
 @dataclass
 class FactoryState:
-    """What `up.json` holds."""
+    """What `up.json` holds. `metrics`: name -> host:port serving Prometheus /metrics."""
 
+    status: str  # "starting" or "up"
     etcd: str
     admin: str
     router: str
     model: str
     logs: str
     pids: dict[str, int]
+    metrics: dict[str, str]
     workers: list[dict[str, str]]
 
 
 class LocalFactory:
-    """Start once, stop once (stop is safe twice and after a failed start)."""
+    """Start once, stop once (stop is safe twice, after a failed start and after an aborted one).
+
+    The constructor checks every option (ValueError listing all problems) and starts nothing.
+    `abort` and `hurry` may be set from a signal handler or another thread.
+    """
 
     def __init__(self, options: FactoryOptions, progress: Callable[[str], None] = lambda _: None) -> None:
+        problems = check_options(options)
+        problems += busy_ports(options) if not problems else []
+        if problems:
+            raise ValueError("; ".join(problems))
         self.options = options
         self.progress = progress
+        self.abort = threading.Event()
+        self.hurry = threading.Event()
+        self.plans = plan_workers(options.engine, options.fleet, options.prefill, options.decode, options.node)
         self.state_dir = Path(options.state_dir or tempfile.mkdtemp(prefix="tandem-up-"))
         self.log_dir = self.state_dir / "logs"
-        self.etcd_server: EtcdServer | None = None
+        try:
+            # Finds the etcd binary and picks free ports now; the process starts in start().
+            self.etcd_server = None if options.etcd else EtcdServer(data_dir=self.state_dir / "etcd",
+                                                                     log_path=self.log_dir / "etcd.log")
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
         self.children: list[ManagedProcess] = []
-        self.plans = plan_workers(options.engine, options.fleet, options.prefill, options.decode, options.node)
         self.state: FactoryState | None = None
 
+    @property
+    def etcd_endpoint(self) -> str:
+        return self.etcd_server.endpoint if self.etcd_server is not None else self.options.etcd
+
+    def _child_args(self) -> list[str]:
+        return ["--metrics-listen", "127.0.0.1:0"] if self.options.metrics else []
+
     def _python(self, name: str, module: str, *args: str, timeout: float = 180.0) -> ManagedProcess:
-        child = ManagedProcess(name, [sys.executable, "-m", module, *args], log_dir=self.log_dir)
+        # gRPC's C core writes plain-text lines (handshake failures) into the JSON log stream unless silenced.
+        child = ManagedProcess(name, [sys.executable, "-m", module, *args, *self._child_args()], log_dir=self.log_dir,
+                               env={"GRPC_VERBOSITY": "NONE"})
         self.children.append(child)
         child.start()
-        child.wait_ready(timeout)
+        self._write_state("starting")  # its PID is known from now on
+        child.wait_ready(timeout, abort=self.abort)
         return child
 
+    def _start_etcd(self, timeout: float = 20.0) -> None:
+        assert self.etcd_server is not None
+        self.progress("starting etcd")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.etcd_server.launch()
+        self._write_state("starting")
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.abort.is_set():
+                raise StartAborted("start-up aborted while waiting for etcd")
+            try:
+                self.etcd_server.wait_healthy(0.2)  # short, to notice an abort
+                return
+            except EtcdStartError as exc:
+                if not self.etcd_server.running or time.monotonic() > deadline:
+                    raise ProcessStartError(str(exc)) from None
+
     def start(self) -> FactoryState:
+        """Start everything in order; ProcessStartError if a process fails, StartAborted once `abort` is set.
+
+        Either way the caller calls stop(), which stops whatever did start."""
         opts = self.options
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if opts.etcd:
-            etcd_endpoint = opts.etcd
-        else:
-            self.progress("starting etcd")
-            self.etcd_server = EtcdServer(data_dir=self.state_dir / "etcd", log_path=self.log_dir / "etcd.log")
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.etcd_server.start()
-            etcd_endpoint = self.etcd_server.endpoint
-        common = ["--etcd", etcd_endpoint, "--lease-ttl", str(opts.lease_ttl)]
+        if self.etcd_server is not None:
+            self._start_etcd()
+        common = ["--etcd", self.etcd_endpoint, "--lease-ttl", str(opts.lease_ttl)]
         self.progress("starting the node agent")
         agent_args = [*common, "--node", opts.node]
-        if opts.fleet:
-            agent_args += ["--simulate-gpus", opts.fleet]
+        simulated = default_fleet(opts.engine, opts.fleet, opts.prefill, opts.decode)
+        if simulated:
+            agent_args += ["--simulate-gpus", simulated]
         self._python("agent", "controlplane.agent", *agent_args)
         self.progress("starting the control plane")
-        admin = self._python("controlplane", "controlplane.server", *common, "--listen", opts.admin_listen,
-                             "--replica-id", "cp-0")
+        self._python("controlplane", "controlplane.server", *common, "--listen", opts.admin_listen,
+                     "--replica-id", "cp-0")
         worker_args = [*common, "--engine", opts.engine, "--model", opts.served_model, "--node", opts.node,
                        "--listen", "127.0.0.1:0", "--speedup", str(opts.speedup)]
         for plan in self.plans:
@@ -159,26 +268,36 @@ class LocalFactory:
                 args += ["--gpu-type", plan.gpu_type, "--gpu-uuids", plan.gpu_uuid]
             self._python(plan.name, "prefill_svc" if plan.role == "prefill" else "decode_svc", *args)
         self.progress("starting the router")
-        router = self._python("router", "router_svc", *common, "--listen", opts.router_listen)
-        self.state = FactoryState(
-            etcd=etcd_endpoint, admin=admin.endpoint, router=router.endpoint, model=opts.served_model,
-            logs=str(self.log_dir),
-            pids={**({"etcd": self.etcd_server.pid or 0} if self.etcd_server else {}),
-                  **{c.name: c.pid for c in self.children}},
-            workers=[asdict(plan) for plan in self.plans])
-        path = self.state_dir / "up.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self.state), indent=2))
-        os.replace(tmp, path)
+        self._python("router", "router_svc", *common, "--listen", opts.router_listen)
+        self.state = self._write_state("up")
         return self.state
 
+    def _endpoint(self, name: str) -> str:
+        return next((c.endpoint for c in self.children if c.name == name), "")
+
+    def _write_state(self, status: str) -> FactoryState:
+        metrics = {"etcd": self.etcd_server.endpoint} if self.etcd_server is not None and self.options.metrics else {}
+        metrics |= {c.name: f"127.0.0.1:{c.info['metrics_port']}" for c in self.children
+                    if c.info.get("metrics_port")}
+        pids = {"etcd": self.etcd_server.pid} if self.etcd_server is not None and self.etcd_server.pid else {}
+        pids |= {c.name: c.pid for c in self.children if c.process is not None}
+        state = FactoryState(
+            status=status, etcd=self.etcd_endpoint, admin=self._endpoint("controlplane"),
+            router=self._endpoint("router"), model=self.options.served_model, logs=str(self.log_dir), pids=pids,
+            metrics=metrics, workers=[asdict(plan) for plan in self.plans])
+        path = self.state_dir / "up.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2))
+        os.replace(tmp, path)
+        return state
+
     def stop(self) -> None:
-        """Router first (no new requests), workers, control plane, agent, then etcd."""
+        """Router first (no new requests), workers, control plane, agent, then etcd: whatever started."""
         for child in reversed(self.children):
             self.progress(f"stopping {child.name}")
-            child.stop()
+            child.stop(hurry=self.hurry)
         self.children.clear()
-        if self.etcd_server is not None:
+        if self.etcd_server is not None and self.etcd_server.pid is not None:
             self.progress("stopping etcd")
-            self.etcd_server.stop()
-            self.etcd_server = None
+            with contextlib.suppress(OSError):
+                self.etcd_server.stop(timeout=0.5 if self.hurry.is_set() else 10.0)

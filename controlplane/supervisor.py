@@ -6,6 +6,9 @@ processes the same way. A child is started in its own process group, with
 gRPC server is up; `wait_ready()` waits for that file, then for
 `grpc.health.v1` to answer SERVING: polling with a deadline, never a fixed
 sleep. Processes are stopped by PID: SIGTERM, then SIGKILL after a grace.
+Both waits take an optional `threading.Event`: set, it cuts the wait short
+(start-up aborted; stop without the grace), so a signal handler that only
+sets an event gets a prompt answer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +33,10 @@ from runtime.peers import PeerTls
 
 class ProcessStartError(RuntimeError):
     """The child exited or never became SERVING; the message has its log tail."""
+
+
+class StartAborted(Exception):
+    """Waiting for a child was cut short on request (Ctrl-C during start-up)."""
 
 
 def health_status(endpoint: str, service: str = "", timeout: float = 1.0,
@@ -107,11 +115,19 @@ class ManagedProcess:
                 f"{self.log_tail()}"
             )
 
-    def wait_ready(self, timeout: float = 60.0, endpoint: str = "", tls: PeerTls | None = None) -> dict[str, Any]:
-        """Wait for the ready file (if any), then health SERVING (checked over TLS with `tls`). Returns the info."""
+    def _check_abort(self, abort: threading.Event | None) -> None:
+        if abort is not None and abort.is_set():
+            raise StartAborted(f"start-up aborted while waiting for {self.name}")
+
+    def wait_ready(self, timeout: float = 60.0, endpoint: str = "", tls: PeerTls | None = None,
+                   abort: threading.Event | None = None) -> dict[str, Any]:
+        """Wait for the ready file (if any), then health SERVING (checked over TLS with `tls`). Returns the info.
+
+        StartAborted as soon as `abort` is set (within one poll, at most a second)."""
         deadline = time.monotonic() + timeout
         if self.ready_path is not None:
             while not self.ready_path.exists():
+                self._check_abort(abort)
                 self._check_alive()
                 if time.monotonic() > deadline:
                     raise ProcessStartError(f"{self.name} wrote no ready file in {timeout}s:\n{self.log_tail()}")
@@ -122,6 +138,7 @@ class ManagedProcess:
         if self.endpoint:
             status = ""
             while status != "SERVING":
+                self._check_abort(abort)
                 self._check_alive()
                 if time.monotonic() > deadline:
                     raise ProcessStartError(
@@ -144,17 +161,23 @@ class ManagedProcess:
         if self.process is not None:
             self.process.wait(10)
 
-    def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status."""
+    def stop(self, grace: float = 15.0, hurry: threading.Event | None = None) -> int | None:
+        """SIGTERM, wait up to `grace` (cut short when `hurry` is set), then SIGKILL. Returns the exit status."""
         if self.process is None:
             return None
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGCONT)
                 os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.process.wait(10)
+            deadline = time.monotonic() + grace
+            while True:
+                try:
+                    self.process.wait(0.05 if hurry is not None else grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self.pid, signal.SIGKILL)
+                        self.process.wait(10)
+                        break
         return self.process.returncode

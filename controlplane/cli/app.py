@@ -23,6 +23,7 @@ import typer
 
 from controlplane.cli.client import DEFAULT_ENDPOINT, CliError, Connection
 from controlplane.cli.common import CliState
+from runtime import __version__
 
 COMMAND_MODULES = (
     "controlplane.cli.fleet",
@@ -42,6 +43,16 @@ app = typer.Typer(
 )
 
 
+def version_line() -> str:
+    return f"tandemctl {__version__}"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
 def global_options(
     ctx: typer.Context,
@@ -56,6 +67,8 @@ def global_options(
                                                   help="client certificate key (mutual TLS)")] = None,
     timeout: Annotated[float, typer.Option(envvar="TANDEM_ADMIN_TIMEOUT", min=0.1, max=3600,
                                            help="deadline of each call, seconds")] = 10.0,
+    _version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                           help="print the version and exit")] = False,
 ) -> None:
     obj = CliState(Connection(endpoint=endpoint.strip().removeprefix("http://"), token=token.strip(),
                               ca_file=ca_file, cert_file=cert_file, key_file=key_file, timeout=timeout))
@@ -65,6 +78,12 @@ def global_options(
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+
+
+@app.command()
+def version() -> None:
+    """Print tandemctl's version."""
+    print(version_line())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

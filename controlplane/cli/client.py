@@ -63,14 +63,37 @@ def _short(details: str) -> str:
     return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
 
 
+# What gRPC says when one side speaks TLS and the other does not, or the certificates do not match:
+# "Socket closed" (a plaintext client at a TLS server), "Ssl handshake failed", "CERTIFICATE_VERIFY_FAILED".
+_TLS_SIGNS = ("socket closed", "handshake", "ssl", "tls", "certificate")
+
+
+def looks_like_tls(details: str) -> bool:
+    """Whether an UNAVAILABLE detail points at a TLS mismatch rather than nobody listening. Pure."""
+    text = details.lower()
+    return any(sign in text for sign in _TLS_SIGNS)
+
+
+def tls_advice(tls: bool, ca_flag: str = "--ca-file", client_flags: str = "--cert-file and --key-file") -> str:
+    """What to try when a TLS mismatch is the likely cause, given whether this call used TLS. Pure."""
+    if not tls:
+        return (f"TLS is the likely cause: it probably serves TLS; pass {ca_flag} "
+                f"(and {client_flags} if it wants a client certificate).")
+    return (f"TLS is the likely cause: check that {ca_flag} holds the CA that signed its certificate, "
+            f"pass {client_flags} if it wants a client certificate, or drop the TLS flags if it serves plaintext.")
+
+
 def explain(code: grpc.StatusCode, details: str, endpoint: str, *, token_given: bool, timeout: float,
-            method: str) -> tuple[str, int]:
-    """(one line for stderr, exit status) for a failed Admin call. Pure."""
+            method: str, tls: bool = False) -> tuple[str, int]:
+    """(one line for stderr, exit status) for a failed Admin call (made over TLS when `tls`). Pure."""
     where = f"the control plane at {endpoint}"
     if code is grpc.StatusCode.UNAVAILABLE and details.lower().startswith("etcd"):
         # The control plane answered; it is its registry that is away.
         return (f"tandemctl: {where} answered, but cannot use etcd ({details}). "
                 "Check etcd and the control plane's --etcd setting."), EXIT_UNREACHABLE
+    if code is grpc.StatusCode.UNAVAILABLE and looks_like_tls(details):
+        return (f"tandemctl: cannot reach {where} (UNAVAILABLE: {_short(details)}). {tls_advice(tls)}"), \
+            EXIT_UNREACHABLE
     if code is grpc.StatusCode.UNAVAILABLE:
         return (f"tandemctl: cannot reach {where} (UNAVAILABLE: {_short(details)}). "
                 "Is tandem-controlplane running there? Set --endpoint or TANDEM_ENDPOINT."), EXIT_UNREACHABLE
@@ -117,14 +140,9 @@ class AdminClient:
         if not conn.tls:
             self._channel = grpc.insecure_channel(conn.endpoint)
             return self._channel
-        if bool(conn.cert_file) != bool(conn.key_file):
-            raise CliError("tandemctl: --cert-file and --key-file go together (client certificate and its key)",
-                           EXIT_USAGE)
+        root, chain, key = tls_files(conn.ca_file, conn.cert_file, conn.key_file)
         self._channel = grpc.secure_channel(conn.endpoint, grpc.ssl_channel_credentials(
-            root_certificates=_read(conn.ca_file, "--ca-file"),
-            private_key=_read(conn.key_file, "--key-file"),
-            certificate_chain=_read(conn.cert_file, "--cert-file"),
-        ))
+            root_certificates=root, private_key=key, certificate_chain=chain))
         return self._channel
 
     def call(self, method: str, request: Message) -> Any:
@@ -138,13 +156,23 @@ class AdminClient:
             return getattr(stub, method)(request, timeout=conn.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             message, status = explain(exc.code(), exc.details() or "", conn.endpoint,
-                                      token_given=bool(conn.token), timeout=conn.timeout, method=method)
+                                      token_given=bool(conn.token), timeout=conn.timeout, method=method,
+                                      tls=conn.tls)
             raise CliError(message, status) from None
 
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+def tls_files(ca_file: Path | None, cert_file: Path | None,
+              key_file: Path | None) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """(CA bundle, client certificate, key) as PEM bytes; CliError (usage) for a lone cert or key, or a bad file."""
+    if bool(cert_file) != bool(key_file):
+        raise CliError("tandemctl: --cert-file and --key-file go together (client certificate and its key)",
+                       EXIT_USAGE)
+    return _read(ca_file, "--ca-file"), _read(cert_file, "--cert-file"), _read(key_file, "--key-file")
 
 
 def _read(path: Path | None, flag: str) -> bytes | None:

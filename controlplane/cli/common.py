@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -18,10 +19,15 @@ from controlplane.cli.client import AdminClient, Connection
 
 class Output(enum.StrEnum):
     table = "table"
+    wide = "wide"
     json = "json"
 
 
-OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts")]
+OutputOption = Annotated[Output, typer.Option(
+    "--output", "-o", help="table (fits the terminal), wide (every column), or json for scripts")]
+
+# A table renderer given the width to fit, or None for every column (-o wide).
+Fitted = Callable[[int | None], RenderableType]
 
 
 @dataclass
@@ -51,14 +57,27 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _console() -> Console:
+# -o wide never wraps: lines are as long as the table needs.
+_UNLIMITED = 100_000
+
+
+def _console(output: Output) -> Console:
     # A pipe gets wide lines rather than tables wrapped at 80 columns.
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False, soft_wrap=False)
+    width = _UNLIMITED if output is Output.wide else (None if sys.stdout.isatty() else 200)
+    return Console(width=width, highlight=False, soft_wrap=False)
 
 
-def emit(output: Output, response: Message, table: RenderableType | str) -> None:
-    """Prints `response` as JSON, or `table` (a rich renderable or a line) for people."""
+def emit(output: Output, response: Message | dict[str, Any], table: RenderableType | str | Fitted) -> None:
+    """Prints `response` as JSON, or `table` for people.
+
+    `table` is a rich renderable, a line, or a `Fitted` renderer: called with
+    the terminal's width (table) or None (wide), it drops less important
+    columns to fit, never cutting an id.
+    """
     if output is Output.json:
         sys.stdout.write(render.to_json(response) + "\n")
-    else:
-        _console().print(table)
+        return
+    console = _console(output)
+    if callable(table):
+        table = table(None if output is Output.wide else console.width)
+    console.print(table)

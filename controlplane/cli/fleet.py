@@ -31,7 +31,8 @@ def status(ctx: typer.Context, output: OutputOption = Output.table) -> None:
 def nodes(ctx: typer.Context, output: OutputOption = Output.table) -> None:
     """GPU nodes: host, GPU mix, GPU health, simulated, cordon, driver, labels."""
     response = state(ctx).call("ListNodes", admin_pb2.ListNodesRequest())
-    emit(output, response, render.nodes(response, now_ms()))
+    now = now_ms()
+    emit(output, response, lambda width: render.nodes(response, now, width))
 
 
 def gpus(ctx: typer.Context,
@@ -39,7 +40,7 @@ def gpus(ctx: typer.Context,
          output: OutputOption = Output.table) -> None:
     """Every GPU: model, memory, utilisation, temperature, power, health, and the worker holding it."""
     response = state(ctx).call("ListGpus", admin_pb2.ListGpusRequest(node=node))
-    emit(output, response, render.gpus(response))
+    emit(output, response, lambda width: render.gpus(response, width))
 
 
 def workers(ctx: typer.Context,
@@ -51,13 +52,14 @@ def workers(ctx: typer.Context,
     request = admin_pb2.ListWorkersRequest(model=model, node=node,
                                            role=_ROLES[role] if role else common_pb2.ROLE_UNSPECIFIED)
     response = state(ctx).call("ListWorkers", request)
-    emit(output, response, render.workers(response, now_ms()))
+    now = now_ms()
+    emit(output, response, lambda width: render.workers(response, now, width))
 
 
 def leases(ctx: typer.Context, output: OutputOption = Output.table) -> None:
     """etcd leases, who holds each and the registry keys it keeps alive."""
     response = state(ctx).call("ListLeases", admin_pb2.ListLeasesRequest())
-    emit(output, response, render.leases(response))
+    emit(output, response, lambda width: render.leases(response, width))
 
 
 def register(app: typer.Typer) -> None:

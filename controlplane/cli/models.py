@@ -16,11 +16,14 @@ models_app = typer.Typer(help="Model specs: list (no subcommand), put, delete.",
 
 @models_app.callback(invoke_without_command=True)
 def list_models(ctx: typer.Context, output: OutputOption = Output.table) -> None:
-    """List model specs (the default), or manage them with put / delete."""
+    """List model specs and the models workers serve (the default), or manage specs with put / delete."""
     if ctx.invoked_subcommand is not None:
         return
     response = state(ctx).call("ListModelSpecs", admin_pb2.ListModelSpecsRequest())
-    emit(output, response, render.models(response))
+    # A model can be served without a spec (`tandemctl up` registers workers directly): show both.
+    served = render.served_models(state(ctx).call("ListWorkers", admin_pb2.ListWorkersRequest()))
+    data = {**render.to_dict(response), "served": [s.to_dict() for s in served]}
+    emit(output, data, lambda width: render.models(response, served, width))
 
 
 def parse_engine_args(items: list[str]) -> dict[str, str]:
@@ -55,7 +58,8 @@ def put(ctx: typer.Context,
         engine_args=parse_engine_args(engine_arg or []),
     )
     response = state(ctx).call("PutModelSpec", admin_pb2.PutModelSpecRequest(spec=spec))
-    emit(output, response, render.models(admin_pb2.ListModelSpecsResponse(models=[response.spec])))
+    emit(output, response, lambda width: render.models(admin_pb2.ListModelSpecsResponse(models=[response.spec]),
+                                                       width=width))
 
 
 @models_app.command("delete")

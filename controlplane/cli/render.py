@@ -1,19 +1,31 @@
 """Admin API responses -> rich tables or JSON text. Pure: no I/O, time comes in as `now_ms`.
 
-JSON is the canonical proto3 JSON of the response (google.protobuf.json_format)
-with every non-optional field present, keys sorted: stable for scripts. An
-optional reading that is absent (a GPU without a power sensor) stays absent,
-and shows as "-" in tables: it means "not available", not zero.
+JSON is the proto3 JSON of the response (google.protobuf.json_format) with
+every non-optional field present, keys sorted: stable for scripts. One form
+per field, whatever proto3 JSON would do: 64-bit integers are JSON numbers
+(proto3 JSON makes them strings), and etcd lease ids are 16-digit hex
+strings, as tables show them. An optional reading that is absent (a GPU
+without a power sensor) stays absent, and shows as "-" in tables: it means
+"not available", not zero.
+
+Tables fit a width: each renderer takes `width` (the terminal's; None for
+`-o wide`, every column) and drops its less important columns until the
+table fits. Id columns (worker, node, lease, GPU uuid) are never cut: they
+keep their full width, as `drain WORKER` needs the whole id.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -24,9 +36,50 @@ from tandem.v1 import admin_pb2, common_pb2, registry_pb2
 
 DASH = "-"
 
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+# 64-bit fields shown as hex ids rather than numbers.
+HEX_ID_FIELDS = frozenset({"lease_id"})
 
-def to_json(message: Message) -> str:
-    return json_format.MessageToJson(message, always_print_fields_with_no_presence=True, sort_keys=True, indent=2)
+
+def lease_hex(lease_id: int) -> str:
+    """An etcd lease id as etcdctl prints it: 16 hex digits."""
+    return f"{lease_id & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """The message as JSON data: proto3 JSON with plain fields present, 64-bit numbers as numbers, hex lease ids."""
+    data = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    return _normalize(data, message.DESCRIPTOR)
+
+
+def to_json(data: Message | dict[str, Any]) -> str:
+    return json.dumps(to_dict(data) if isinstance(data, Message) else data, sort_keys=True, indent=2)
+
+
+def _normalize(data: dict[str, Any], descriptor: Any) -> dict[str, Any]:
+    for field in descriptor.fields:
+        if field.json_name not in data:
+            continue
+        value = data[field.json_name]
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_field = entry.fields_by_name["value"]
+            data[field.json_name] = {k: _value(v, value_field) for k, v in value.items()}
+        elif field.is_repeated:
+            data[field.json_name] = [_value(v, field) for v in value]
+        else:
+            data[field.json_name] = _value(value, field)
+    return data
+
+
+def _value(value: Any, field: Any) -> Any:
+    if field.message_type is not None:
+        return _normalize(value, field.message_type) if isinstance(value, dict) else value
+    if field.type in _INT64_TYPES:
+        number = int(value)
+        return lease_hex(number) if field.name in HEX_ID_FIELDS else number
+    return value
 
 
 def render_text(renderable: RenderableType, width: int = 160) -> str:
@@ -75,6 +128,49 @@ def _opt(message: Message, name: str, fmt: str = "{}") -> str:
 
 def _table(*columns: str, title: str = "") -> Table:
     table = Table(*columns, box=box.SIMPLE_HEAD, title=title or None, title_justify="left", pad_edge=False)
+    return table
+
+
+@dataclass(frozen=True)
+class Col:
+    """A table column. `drop`: 0 is always shown; at narrow widths the highest numbers go first.
+    `ident`: an id a person copies into another command, never cut (it keeps its full width)."""
+
+    header: str
+    drop: int = 0
+    ident: bool = False
+    right: bool = False
+
+
+def _cell_width(cell: str) -> int:
+    return max((len(line) for line in cell.split("\n")), default=0)
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """Width of a SIMPLE_HEAD table without padded edges: a space at each edge, 3 between columns. Pure."""
+    return sum(widths) + 2 + 3 * max(0, len(widths) - 1)
+
+
+def fit(columns: Sequence[Col], rows: Sequence[Sequence[str]], width: int | None) -> Table:
+    """A table of `rows` that fits `width`: droppable columns leave, highest `drop` first, until the
+    rest fits (None: every column). Id columns keep their longest value's width."""
+    natural = [max([len(col.header), *(_cell_width(row[i]) for row in rows)]) for i, col in enumerate(columns)]
+    shown = list(range(len(columns)))
+    if width is not None:
+        for index in sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop):
+            if table_width([natural[i] for i in shown]) <= width:
+                break
+            shown.remove(index)
+    table = _table()
+    for i in shown:
+        col = columns[i]
+        if col.ident:
+            table.add_column(col.header, width=natural[i], no_wrap=True, overflow="fold")
+        else:
+            # What does not fit wraps onto more lines; nothing is cut to "…".
+            table.add_column(col.header, justify="right" if col.right else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
     return table
 
 
@@ -133,38 +229,52 @@ def fleet_status(response: admin_pb2.FleetStatusResponse, now_ms: int) -> Render
     return Group(table, Text("\n".join(lines)))
 
 
-def nodes(response: admin_pb2.ListNodesResponse, now_ms: int) -> RenderableType:
-    table = _table("NODE", "HOST", "GPUS", "HEALTH", "SIMULATED", "CORDONED", "DRIVER", "LABELS", "UPDATED")
+NODE_COLUMNS = (Col("NODE", ident=True), Col("HOST", 4), Col("GPUS", 3), Col("HEALTH"), Col("SIMULATED", 5),
+                Col("CORDONED", 1), Col("DRIVER", 8), Col("LABELS", 6), Col("UPDATED", 7))
+
+
+def nodes(response: admin_pb2.ListNodesResponse, now_ms: int, width: int | None = None) -> RenderableType:
+    rows = []
     for status in response.nodes:
         record = status.record
         cordon = _with_reason("yes", status.cordon.reason) if status.cordoned else "no"
         labels = ",".join(f"{k}={v}" for k, v in sorted(record.labels.items())) or DASH
         driver = record.driver_version or (record.inventory_note and "(no driver)") or DASH
-        table.add_row(record.node, record.host or DASH, gpu_mix(record.gpus), _node_health(record.gpus),
-                      "yes" if record.simulated else "no", cordon, driver, labels,
-                      age(record.updated_at_unix_ms, now_ms))
+        rows.append([record.node, record.host or DASH, gpu_mix(record.gpus), _node_health(record.gpus),
+                     "yes" if record.simulated else "no", cordon, driver, labels,
+                     age(record.updated_at_unix_ms, now_ms)])
+    table = fit(NODE_COLUMNS, rows, width)
     notes = [f"{s.record.node}: {s.record.inventory_note}" for s in response.nodes if s.record.inventory_note]
     return Group(table, Text("\n".join(notes))) if notes else _or_none(table, "nodes registered")
 
 
-def gpus(response: admin_pb2.ListGpusResponse) -> RenderableType:
-    table = _table("NODE", "IDX", "MODEL", "UUID", "MEM GiB", "UTIL%", "TEMP", "POWER W", "HEALTH", "WORKER", "ROLE")
+GPU_COLUMNS = (Col("NODE", ident=True), Col("IDX"), Col("MODEL", 3), Col("UUID", 4, ident=True),
+               Col("MEM GiB", 6), Col("UTIL%", 7), Col("TEMP", 8), Col("POWER W", 9), Col("HEALTH"),
+               Col("WORKER", ident=True), Col("ROLE", 5))
+
+
+def gpus(response: admin_pb2.ListGpusResponse, width: int | None = None) -> RenderableType:
+    rows = []
     for status in response.gpus:
         gpu = status.gpu
         model = gpu.catalog_id or gpu.name or DASH
         if status.simulated:
             model += " (sim)"
         memory = f"{gib(gpu.memory_used_bytes)}/{gib(gpu.memory_total_bytes)}" if gpu.memory_total_bytes else DASH
-        table.add_row(status.node, str(gpu.index), model, gpu.uuid or DASH, memory, _opt(gpu, "utilization_percent"),
-                      _opt(gpu, "temperature_c", "{}C"), _opt(gpu, "power_w", "{:.0f}"),
-                      _with_reason(health_name(gpu.health), gpu.health_reason), status.worker_id or DASH,
-                      role_name(status.role) if status.worker_id else DASH)
-    return _or_none(table, "GPUs registered")
+        rows.append([status.node, str(gpu.index), model, gpu.uuid or DASH, memory, _opt(gpu, "utilization_percent"),
+                     _opt(gpu, "temperature_c", "{}C"), _opt(gpu, "power_w", "{:.0f}"),
+                     _with_reason(health_name(gpu.health), gpu.health_reason), status.worker_id or DASH,
+                     role_name(status.role) if status.worker_id else DASH])
+    return _or_none(fit(GPU_COLUMNS, rows, width), "GPUs registered")
 
 
-def workers(response: admin_pb2.ListWorkersResponse, now_ms: int) -> RenderableType:
-    table = _table("WORKER", "ROLE", "MODEL", "NODE", "GPUS", "ENGINE", "STATE", "HEALTH", "ROUTABLE", "ENDPOINT",
-                   "AGE")
+WORKER_COLUMNS = (Col("WORKER", ident=True), Col("ROLE", 1), Col("MODEL", 3), Col("NODE", 4), Col("GPUS", 6),
+                  Col("ENGINE", 9), Col("STATE"), Col("HEALTH", 5), Col("ROUTABLE", 2), Col("ENDPOINT", 7),
+                  Col("AGE", 8))
+
+
+def workers(response: admin_pb2.ListWorkersResponse, now_ms: int, width: int | None = None) -> RenderableType:
+    rows = []
     for status in response.workers:
         record = status.record
         gpus_text = f"{record.gpu_count}x {record.gpu_type}" if record.gpu_count else (record.gpu_type or DASH)
@@ -176,31 +286,88 @@ def workers(response: admin_pb2.ListWorkersResponse, now_ms: int) -> RenderableT
         health = (_with_reason(serving_name(status.health.status), status.health.reason)
                   if status.HasField("health") else "not probed")
         routable = "yes" if status.routable else ("no (node cordoned)" if status.node_cordoned else "no")
-        table.add_row(record.worker_id, role_name(record.role), record.model or DASH, record.node or DASH, gpus_text,
-                      record.engine or DASH, state, health, routable, record.endpoint or DASH,
-                      age(record.started_at_unix_ms, now_ms))
-    return _or_none(table, "workers registered")
+        rows.append([record.worker_id, role_name(record.role), record.model or DASH, record.node or DASH, gpus_text,
+                     record.engine or DASH, state, health, routable, record.endpoint or DASH,
+                     age(record.started_at_unix_ms, now_ms)])
+    return _or_none(fit(WORKER_COLUMNS, rows, width), "workers registered")
 
 
-def leases(response: admin_pb2.ListLeasesResponse) -> RenderableType:
-    table = _table("LEASE", "HOLDER", "TTL", "KEYS")
+LEASE_COLUMNS = (Col("LEASE", ident=True), Col("HOLDER", ident=True), Col("TTL"), Col("KEYS"))  # keys wrap
+
+
+def leases(response: admin_pb2.ListLeasesResponse, width: int | None = None) -> RenderableType:
+    rows = []
     for lease in response.leases:
         remaining = "expired" if lease.remaining_ttl_s < 0 else f"{lease.remaining_ttl_s}s"
-        table.add_row(f"{lease.lease_id:016x}", lease.holder or DASH, f"{remaining} of {lease.granted_ttl_s}s",
-                      "\n".join(lease.keys) or DASH)
-    return _or_none(table, "leases")
+        rows.append([lease_hex(lease.lease_id), lease.holder or DASH, f"{remaining} of {lease.granted_ttl_s}s",
+                     "\n".join(lease.keys) or DASH])
+    return _or_none(fit(LEASE_COLUMNS, rows, width), "leases")
 
 
-def models(response: admin_pb2.ListModelSpecsResponse) -> RenderableType:
-    table = _table("MODEL", "CHECKPOINT", "TOKENIZER", "PREFILL", "DECODE", "TTFT ms", "ITL ms", "MAX CONTEXT",
-                   "MAX OUTPUT")
-    for spec in response.models:
-        table.add_row(spec.name, spec.checkpoint or DASH, spec.tokenizer or "(checkpoint's)",
-                      str(spec.desired_prefill_workers), str(spec.desired_decode_workers),
-                      f"{spec.slo.ttft_ms:g}" if spec.slo.ttft_ms else DASH,
-                      f"{spec.slo.inter_token_ms:g}" if spec.slo.inter_token_ms else DASH,
-                      str(spec.max_context_tokens or DASH), str(spec.max_output_tokens or DASH))
-    return _or_none(table, "model specs")
+@dataclass(frozen=True)
+class Served:
+    """Workers registered for one model, by role."""
+
+    model: str
+    prefill: int = 0
+    decode: int = 0
+    unified: int = 0
+    ready: int = 0
+
+    @property
+    def workers(self) -> int:
+        return self.prefill + self.decode + self.unified
+
+    def describe(self) -> str:
+        roles = [f"{n} {role}" for role, n in (("prefill", self.prefill), ("decode", self.decode),
+                                               ("unified", self.unified)) if n]
+        return f"{' + '.join(roles)} ({self.ready} ready)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "prefill": self.prefill, "decode": self.decode, "unified": self.unified,
+                "ready": self.ready, "workers": self.workers}
+
+
+def served_models(response: admin_pb2.ListWorkersResponse) -> list[Served]:
+    """The models workers serve, from the registry, sorted by name. Pure."""
+    counts: dict[str, Counter[str]] = {}
+    for status in response.workers:
+        record = status.record
+        count = counts.setdefault(record.model or DASH, Counter())
+        count[role_name(record.role)] += 1
+        count["ready"] += record.state == registry_pb2.WORKER_STATE_READY
+    return [Served(model, c["prefill"], c["decode"], c["unified"], c["ready"]) for model, c in sorted(counts.items())]
+
+
+MODEL_COLUMNS = (Col("MODEL", ident=True), Col("SERVED BY"), Col("CHECKPOINT", 1), Col("TOKENIZER", 9),
+                 Col("PREFILL", 4, right=True), Col("DECODE", 4, right=True), Col("TTFT ms", 5, right=True),
+                 Col("ITL ms", 5, right=True), Col("MAX CONTEXT", 6, right=True), Col("MAX OUTPUT", 6, right=True))
+
+
+def models(response: admin_pb2.ListModelSpecsResponse, served: Sequence[Served] | None = None,
+           width: int | None = None) -> RenderableType:
+    """Model specs and, given `served`, the models workers serve (with or without a spec).
+
+    PREFILL and DECODE are the spec's desired workers; SERVED BY is what is registered.
+    """
+    by_model = {s.model: s for s in served or ()}
+    specs = {spec.name: spec for spec in response.models}
+    rows = []
+    for name in sorted(specs.keys() | by_model.keys()):
+        serving = by_model[name].describe() if name in by_model else "none"
+        spec = specs.get(name)
+        if spec is None:
+            rows.append([name, serving, "(no spec)", DASH, DASH, DASH, DASH, DASH, DASH, DASH])
+            continue
+        rows.append([name, serving, spec.checkpoint or DASH, spec.tokenizer or "(checkpoint's)",
+                     str(spec.desired_prefill_workers), str(spec.desired_decode_workers),
+                     f"{spec.slo.ttft_ms:g}" if spec.slo.ttft_ms else DASH,
+                     f"{spec.slo.inter_token_ms:g}" if spec.slo.inter_token_ms else DASH,
+                     str(spec.max_context_tokens or DASH), str(spec.max_output_tokens or DASH)])
+    columns = MODEL_COLUMNS if served is not None else tuple(c for c in MODEL_COLUMNS if c.header != "SERVED BY")
+    if served is None:
+        rows = [row[:1] + row[2:] for row in rows]
+    return _or_none(fit(columns, rows, width), "model specs" if served is None else "model specs and no workers")
 
 
 # -- mutation confirmations -------------------------------------------------------------------------

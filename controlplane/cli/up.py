@@ -7,16 +7,29 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
+import grpc
 import typer
 from rich.console import Console
 
 from controlplane.cli import render
-from controlplane.cli.client import AdminClient, CliError, Connection
+from controlplane.cli.client import (
+    EXIT_UNREACHABLE,
+    AdminClient,
+    CliError,
+    Connection,
+    looks_like_tls,
+    tls_advice,
+    tls_files,
+)
+from controlplane.cli.common import CliState
 from controlplane.localfactory import FactoryOptions, LocalFactory
-from controlplane.supervisor import ProcessStartError
+from controlplane.supervisor import ProcessStartError, StartAborted
 from tandem.v1 import admin_pb2
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def register(app: typer.Typer) -> None:
@@ -25,9 +38,10 @@ def register(app: typer.Typer) -> None:
 
 
 def up(
-    engine: Annotated[str, typer.Option(help="worker engine: torch (tiny model on CPU) or sim")] = "torch",
+    engine: Annotated[str, typer.Option(help="worker engine: torch (a real model on CPU) or sim")] = "torch",
     model: Annotated[str, typer.Option(help="model: 'tiny' or a checkpoint dir (torch), a profile (sim)")] = "",
-    fleet: Annotated[str, typer.Option(help="simulated GPUs for --engine sim, e.g. H100-SXM:2,A100-80GB:4")] = "",
+    fleet: Annotated[str, typer.Option(help=(
+        "simulated GPUs for --engine sim, e.g. H100-SXM:2,A100-80GB:4 (default: one H100-SXM per worker)"))] = "",
     prefill: Annotated[int, typer.Option(min=0, help="prefill workers (without --fleet)")] = 1,
     decode: Annotated[int, typer.Option(min=1, help="decode workers (without --fleet)")] = 1,
     etcd: Annotated[str, typer.Option(help="use this etcd (host:port[,...]) instead of an embedded one")] = "",
@@ -36,20 +50,35 @@ def up(
     state_dir: Annotated[Path | None, typer.Option(help="logs, etcd data and up.json (default: a temp dir)")] = None,
     speedup: Annotated[float, typer.Option(min=0.001, help="sim engine: run simulated time this much faster")] = 1.0,
     lease_ttl: Annotated[int, typer.Option(min=2, help="registry lease TTL, seconds")] = 5,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help=(
+        "every process serves Prometheus /metrics on a free 127.0.0.1 port (listed in up.json)"))] = True,
 ) -> None:
     """Start a whole factory here: etcd, agent, control plane, workers, router. Ctrl-C stops it all."""
     console = Console(stderr=True, highlight=False)
     options = FactoryOptions(engine=engine, model=model, fleet=fleet, prefill=prefill, decode=decode, etcd=etcd,
                              router_listen=router_listen, admin_listen=admin_listen, state_dir=state_dir,
-                             lease_ttl=lease_ttl, speedup=speedup)
+                             lease_ttl=lease_ttl, speedup=speedup, metrics=metrics)
     try:
+        # Checks every option; starts nothing.
         factory = LocalFactory(options, progress=lambda line: console.print(f"[dim]•[/dim] {line}"))
     except ValueError as exc:
         raise CliError(f"tandemctl up: {exc}", 2) from None
     stop = threading.Event()
-    # SIGTERM as well as Ctrl-C: stop in order, never leave children behind.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signals = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Only events here: the main thread notices within one poll, whatever it is waiting for.
+        # The first Ctrl-C (or SIGTERM) aborts start-up or stops in order; the next skips the grace.
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            factory.abort.set()
+            stop.set()
+        else:
+            factory.hurry.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         state = factory.start()
         console.print(f"\nTandem is up ({len(factory.plans)} workers, model [bold]{state.model}[/bold]).")
@@ -57,6 +86,10 @@ def up(
         console.print(f"  control plane (Admin):  {state.admin}")
         console.print(f"  etcd:                   {state.etcd}")
         console.print(f"  logs:                   {state.logs}")
+        if state.metrics:
+            console.print("  metrics (/metrics):")
+            for name, address in state.metrics.items():
+                console.print(f"    {name:<22}{address}", soft_wrap=True)
         console.print(f"  try: tandemctl generate --router {state.router} \"What is the capital of France?\"")
         console.print(f"       tandemctl --endpoint {state.admin} status\n")
         admin = AdminClient(Connection(endpoint=state.admin))
@@ -67,6 +100,9 @@ def up(
         Console(highlight=False).print(render.fleet_status(status, int(time.time() * 1000)))
         console.print("\nCtrl-C stops everything.")
         stop.wait()
+    except StartAborted:
+        console.print("\nstart-up interrupted; stopping what started (Ctrl-C again to skip the grace)")
+        raise CliError("tandemctl up: interrupted during start-up", EXIT_INTERRUPTED) from None
     except ProcessStartError as exc:
         console.print(f"[red]tandemctl up: a process failed to start[/red]\n{exc}")
         raise CliError("tandemctl up: start failed; see the log above", 1) from None
@@ -75,7 +111,19 @@ def up(
         console.print("stopped.")
 
 
+def router_error(router: str, code: grpc.StatusCode, message: str, *, tls: bool) -> CliError:
+    """The one line for a failed router call. Pure."""
+    if code is grpc.StatusCode.UNAVAILABLE and looks_like_tls(message):
+        return CliError(f"tandemctl: cannot reach the router at {router} (UNAVAILABLE: {message}). "
+                        + tls_advice(tls), EXIT_UNREACHABLE)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return CliError(f"tandemctl: cannot reach the router at {router} (UNAVAILABLE: {message}). "
+                        "Is tandem-router running there? Set --router or TANDEM_ROUTER.", EXIT_UNREACHABLE)
+    return CliError(f"tandemctl: the router at {router} answered {code.name}: {message}", 1)
+
+
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="the prompt")],
     router: Annotated[str, typer.Option(envvar="TANDEM_ROUTER", help="router host:port")] = "127.0.0.1:50051",
     model: Annotated[str, typer.Option(help="model (default: the first the router lists)")] = "",
@@ -87,13 +135,27 @@ def generate(
         "template when the model has one"))] = False,
     system: Annotated[str, typer.Option(help="a system message before the prompt (chat only)")] = "",
     show_usage: Annotated[bool, typer.Option("--usage/--no-usage", help="print usage and timings")] = True,
+    ca_file: Annotated[Path | None, typer.Option(envvar="TANDEM_ROUTER_CA_FILE", help=(
+        "CA bundle to verify the router (enables TLS; default: the global --ca-file)"))] = None,
+    cert_file: Annotated[Path | None, typer.Option(envvar="TANDEM_ROUTER_CERT_FILE", help=(
+        "client certificate (mutual TLS; default: the global --cert-file)"))] = None,
+    key_file: Annotated[Path | None, typer.Option(envvar="TANDEM_ROUTER_KEY_FILE", help=(
+        "client certificate key (mutual TLS; default: the global --key-file)"))] = None,
 ) -> None:
     """Stream an answer from a router."""
     from router_svc.client import TandemClient, TandemError
     from router_svc.client_types import SamplingArgs
 
+    # The global TLS options (given before the command) apply here too, unless the command's own are given.
+    cli_state = ctx.find_object(CliState)
+    conn = cli_state.connection if cli_state is not None else Connection()
+    ca_file, cert_file, key_file = ((ca_file, cert_file, key_file) if any((ca_file, cert_file, key_file))
+                                    else (conn.ca_file, conn.cert_file, conn.key_file))
+    root, chain, key = tls_files(ca_file, cert_file, key_file)
+    tls = any((root, chain, key))
     try:
-        with TandemClient(router) as client:
+        with TandemClient(router, tls=tls or None, root_certificates=root, certificate_chain=chain,
+                          private_key=key) as client:
             models = client.list_models()
             if not models:
                 raise CliError(f"tandemctl: the router at {router} serves no model yet", 1)
@@ -116,7 +178,7 @@ def generate(
                 last = chunk
             sys.stdout.write("\n")
     except TandemError as exc:
-        raise CliError(f"tandemctl: the router at {router} answered {exc.code.name}: {exc.message}", 1) from None
+        raise router_error(router, exc.code, exc.message, tls=tls) from None
     if show_usage and last is not None and last.usage is not None and last.timings is not None:
         print(f"[{chosen}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens, "
               f"TTFT {last.timings.ttft_ms:.1f} ms, {last.finish_reason}]", file=sys.stderr)

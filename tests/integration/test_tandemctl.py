@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -89,6 +90,15 @@ def test_reads_show_the_registered_fleet(fleet: str) -> None:
     assert held == {"SIM-gpu-1-0": "d-0", **{f"SIM-gpu-1-{i}": "" for i in range(1, 6)}}
     nodes = tandemctl("nodes", endpoint=fleet)
     assert nodes.code == 0 and "4x H100-SXM, 2x A100-80GB" in nodes.out
+    wide = tandemctl("workers", "-o", "wide", endpoint=fleet)
+    assert wide.code == 0 and "ENDPOINT" in wide.out and "AGE" in wide.out, wide.err
+
+    # A model served without a spec still shows, with its workers.
+    models = tandemctl("models", endpoint=fleet)
+    table = [re.split(r"\s{2,}", line.strip()) for line in models.out.splitlines()]
+    assert models.code == 0 and ["m", "1 decode (1 ready)", "(no spec)"] in [row[:3] for row in table], models.out
+    assert tandemctl("models", "-o", "json", endpoint=fleet).json()["served"] == [
+        {"model": "m", "prefill": 0, "decode": 1, "unified": 0, "ready": 1, "workers": 1}]
 
 
 def test_mutations_need_the_admin_token(fleet: str) -> None:
@@ -137,3 +147,10 @@ def test_unreachable_endpoint_fails_with_one_helpful_line() -> None:
     assert result.err.splitlines() == [
         f"tandemctl: cannot reach the control plane at {endpoint} (UNAVAILABLE: connection refused). "
         "Is tandem-controlplane running there? Set --endpoint or TANDEM_ENDPOINT."]
+
+
+def test_version() -> None:
+    from runtime import __version__
+
+    assert tandemctl("--version").out.strip() == f"tandemctl {__version__}"
+    assert tandemctl("version").out.strip() == f"tandemctl {__version__}"

@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,25 @@ def alive(pid: int) -> bool:
     return True
 
 
+def read_state(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / "up.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def kill_leftovers(up: subprocess.Popen[bytes], state_dir: Path) -> None:
+    """On a failure, still leave nothing behind: Ctrl-C first (it stops its children in order), then
+    SIGKILL whatever up.json says is left (each child runs in its own session)."""
+    if up.poll() is None:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+    for pid in read_state(state_dir).get("pids", {}).values():
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
     state_dir = tmp_path / "factory"
     log = open(tmp_path / "up.log", "wb")
@@ -32,14 +53,20 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
          "--router-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        state_file = state_dir / "up.json"
         deadline = time.monotonic() + 180
-        while not state_file.exists():
+        while read_state(state_dir).get("status") != "up":
             assert up.poll() is None, (tmp_path / "up.log").read_text()
             assert time.monotonic() < deadline, "tandemctl up did not come up"
             time.sleep(0.1)  # poll interval
-        state = json.loads(state_file.read_text())
-        assert {"etcd", "agent", "controlplane", "prefill-0", "decode-0", "router"} <= set(state["pids"])
+        state = read_state(state_dir)
+        names = {"etcd", "agent", "controlplane", "prefill-0", "decode-0", "router"}
+        assert names <= set(state["pids"])
+        # Metrics are on by default: every process serves /metrics on the port up.json lists.
+        assert set(state["metrics"]) == names
+        for name, address in state["metrics"].items():
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+                assert reply.status == 200, name
+        assert state["metrics"]["router"] in (tmp_path / "up.log").read_text()
         generated = subprocess.run(
             [sys.executable, "-m", "controlplane.cli", "generate", "--router", state["router"],
              "What is the capital of France?", "--max-tokens", "32"], capture_output=True, text=True, timeout=60)
@@ -56,16 +83,46 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
         left = {name: pid for name, pid in state["pids"].items() if alive(pid)}
         assert not left, f"processes left running after Ctrl-C: {left}"
     finally:
-        # On a failure above, still leave nothing behind: Ctrl-C first (it stops its children in
-        # order), then SIGKILL whatever up.json says is left (each child runs in its own session).
-        if up.poll() is None:
-            up.send_signal(signal.SIGINT)
-            try:
-                up.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-        if (state_dir / "up.json").exists():
-            for pid in json.loads((state_dir / "up.json").read_text())["pids"].values():
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        kill_leftovers(up, state_dir)
         log.close()
+
+
+def test_ctrl_c_during_start_up_stops_what_started(tmp_path: Path) -> None:
+    state_dir = tmp_path / "factory"
+    log = open(tmp_path / "up.log", "wb")
+    # The sim engine without --fleet: each worker gets a default simulated GPU.
+    up = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "up", "--engine", "sim", "--prefill", "0", "--decode", "2",
+         "--state-dir", str(state_dir), "--lease-ttl", "2", "--router-listen", "127.0.0.1:0",
+         "--admin-listen", "127.0.0.1:0"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        # Interrupt while the first worker starts: etcd, agent and control plane are running by then.
+        while "decode-0" not in read_state(state_dir).get("pids", {}):
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, "tandemctl up did not reach the workers"
+            time.sleep(0.05)  # poll interval
+        assert read_state(state_dir)["status"] == "starting"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 130, (tmp_path / "up.log").read_text()
+        state = read_state(state_dir)
+        assert {"etcd", "agent", "controlplane", "decode-0"} <= set(state["pids"])
+        assert "decode-1" not in state["pids"] and "router" not in state["pids"], "start-up went on after Ctrl-C"
+        left = {name: pid for name, pid in state["pids"].items() if alive(pid)}
+        assert not left, f"processes left running after Ctrl-C: {left}"
+        output = (tmp_path / "up.log").read_text()
+        assert "start-up interrupted" in output and output.index("stopping decode-0") < output.index("stopping agent")
+    finally:
+        kill_leftovers(up, state_dir)
+        log.close()
+
+
+def test_bad_options_fail_before_anything_starts(tmp_path: Path) -> None:
+    state_dir = tmp_path / "factory"
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "up", "--engine", "vllm", "--admin-listen", "7070",
+         "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--engine must be one of torch, sim" in result.stderr and "--admin-listen expects host:port" in result.stderr
+    assert not state_dir.exists(), "nothing may start (or be written) when an option is wrong"

@@ -136,9 +136,25 @@ def test_json_is_canonical_with_every_plain_field_and_no_unavailable_readings() 
     data = json.loads(render.to_json(response))
     gpu = data["gpus"][0]["gpu"]
     assert gpu["utilizationPercent"] == 0 and "temperatureC" not in gpu and "powerW" not in gpu
-    assert gpu["memoryTotalBytes"] == "10" and gpu["health"] == "GPU_HEALTH_UNSPECIFIED"
+    assert gpu["memoryTotalBytes"] == 10 and gpu["health"] == "GPU_HEALTH_UNSPECIFIED"
     assert data["gpus"][0]["workerId"] == "" and data["gpus"][0]["simulated"] is False
     assert render.to_json(response) == render.to_json(response)
+
+
+def test_json_has_one_form_per_field_numbers_as_numbers_and_lease_ids_in_hex() -> None:
+    status = json.loads(render.to_json(admin_pb2.FleetStatusResponse(revision=20)))
+    assert status["revision"] == 20
+    leases = json.loads(render.to_json(admin_pb2.ListLeasesResponse(leases=[admin_pb2.LeaseInfo(
+        lease_id=0x694D7A5B2C1E0F03, granted_ttl_s=5, remaining_ttl_s=-1)])))
+    (lease,) = leases["leases"]
+    # The same id the table shows (and etcdctl prints); TTLs are numbers.
+    assert lease == {"leaseId": "694d7a5b2c1e0f03", "grantedTtlS": 5, "remainingTtlS": -1, "holder": "", "keys": []}
+    assert render.lease_hex(0x694D7A5B2C1E0F03) in text(render.leases(admin_pb2.ListLeasesResponse(leases=[
+        admin_pb2.LeaseInfo(lease_id=0x694D7A5B2C1E0F03)])))
+    workers = json.loads(render.to_json(admin_pb2.ListWorkersResponse(workers=[admin_pb2.WorkerStatus(
+        record=registry_pb2.WorkerRecord(worker_id="d-0", lease_id=31, started_at_unix_ms=NOW))])))
+    record = workers["workers"][0]["record"]
+    assert (record["leaseId"], record["startedAtUnixMs"]) == ("000000000000001f", NOW)
 
 
 def test_mutation_confirmations() -> None:
@@ -190,3 +206,97 @@ def test_server_messages_pass_through_for_bad_requests() -> None:
         "tandemctl: reason must be at most 512 characters, got 900", EXIT_ERROR)
     line, status = _explain(grpc.StatusCode.INTERNAL, "boom")
     assert (line, status) == ("tandemctl: DrainWorker at 10.0.0.1:7070 failed (INTERNAL: boom)", EXIT_ERROR)
+
+
+# -- tables at a terminal's width -------------------------------------------------------------------
+
+LONG_WORKERS = admin_pb2.ListWorkersResponse(workers=[
+    admin_pb2.WorkerStatus(
+        record=registry_pb2.WorkerRecord(
+            worker_id=f"decode-h100-sxm-{i}", role=common_pb2.ROLE_DECODE, model="llama-3-8b", node="gpu-node-17",
+            gpu_type="H100-SXM", gpu_count=1, engine="sim", simulated=True, endpoint="127.0.0.1:45678",
+            state=registry_pb2.WORKER_STATE_READY, started_at_unix_ms=NOW - 42_000),
+        health=registry_pb2.HealthVerdict(status=registry_pb2.SERVING_STATUS_SERVING), routable=True)
+    for i in range(3)])
+
+
+def fits(output: str, width: int) -> bool:
+    return all(len(line.rstrip()) <= width for line in output.splitlines())
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_narrow_tables_keep_whole_ids_and_drop_minor_columns(width: int) -> None:
+    output = render.render_text(render.workers(LONG_WORKERS, NOW, width), width=width)
+    assert fits(output, width), output
+    table = rows(output)
+    assert table[0][:3] == ["WORKER", "ROLE", "MODEL"] and "STATE" in table[0] and "ENGINE" not in table[0]
+    assert [row[0] for row in table[2:]] == [f"decode-h100-sxm-{i}" for i in range(3)]
+    assert "…" not in output
+
+    gpus = admin_pb2.ListGpusResponse(gpus=[admin_pb2.GpuStatus(
+        node="gpu-node-17", worker_id="decode-h100-sxm-0", role=common_pb2.ROLE_DECODE, simulated=True,
+        gpu=registry_pb2.GpuInfo(index=0, uuid="GPU-5f0a3c2e-9b1d-4e7f-8a6b-2c4d6e8f0a1b", catalog_id="H100-SXM",
+                                 memory_total_bytes=80 * 2**30, health=registry_pb2.GPU_HEALTH_OK))])
+    output = render.render_text(render.gpus(gpus, width), width=width)
+    assert fits(output, width) and "…" not in output, output
+    assert "gpu-node-17" in output and "decode-h100-sxm-0" in output
+
+    nodes = admin_pb2.ListNodesResponse(nodes=[admin_pb2.NodeStatus(record=registry_pb2.NodeRecord(
+        node="gpu-node-17.cluster.example.com", host="10.0.0.7", labels={"zone": "eu-west-1a", "rack": "r17"},
+        driver_version="550.54.15", simulated=True, updated_at_unix_ms=NOW,
+        gpus=[registry_pb2.GpuInfo(catalog_id="H100-SXM")] * 4 + [registry_pb2.GpuInfo(catalog_id="A100-80GB")] * 2),
+        cordoned=True, cordon=registry_pb2.CordonIntent(reason="maintenance"))])
+    output = render.render_text(render.nodes(nodes, NOW, width), width=width)
+    assert fits(output, width) and "…" not in output, output
+    assert "gpu-node-17.cluster.example.com" in output and "yes: maintenance" in output
+
+    leases = admin_pb2.ListLeasesResponse(leases=[admin_pb2.LeaseInfo(
+        lease_id=0x694D7A5B2C1E0F03, granted_ttl_s=5, remaining_ttl_s=4, holder="worker decode-h100-sxm-0",
+        keys=["/tandem/v1/workers/decode-h100-sxm-0", "/tandem/v1/gpus/gpu-node-17/GPU-5f0a3c2e"])])
+    output = render.render_text(render.leases(leases, width), width=width)
+    assert fits(output, width) and "…" not in output, output
+    assert "694d7a5b2c1e0f03" in output and "decode-h100-sxm-0" in output
+
+
+def test_wide_shows_every_column() -> None:
+    output = render.render_text(render.workers(LONG_WORKERS, NOW, None), width=400)
+    assert rows(output)[0] == ["WORKER", "ROLE", "MODEL", "NODE", "GPUS", "ENGINE", "STATE", "HEALTH", "ROUTABLE",
+                               "ENDPOINT", "AGE"]
+    assert ["decode-h100-sxm-0", "decode", "llama-3-8b", "gpu-node-17", "1x H100-SXM (sim)", "sim", "ready",
+            "serving", "yes", "127.0.0.1:45678", "42s"] in rows(output)
+
+
+def test_models_shows_specs_and_what_workers_serve() -> None:
+    served = render.served_models(LONG_WORKERS)
+    assert served == [render.Served("llama-3-8b", decode=3, ready=3)]
+    spec = registry_pb2.ModelSpec(name="tiny-chat", checkpoint="tiny", desired_prefill_workers=1,
+                                  desired_decode_workers=1)
+    table = rows(text(render.models(admin_pb2.ListModelSpecsResponse(models=[spec]), served)))
+    assert ["llama-3-8b", "3 decode (3 ready)", "(no spec)", "-", "-", "-", "-", "-", "-", "-"] in table
+    assert ["tiny-chat", "none", "tiny", "(checkpoint's)", "1", "1", "-", "-", "-", "-"] in table
+    assert served[0].to_dict() == {"model": "llama-3-8b", "prefill": 0, "decode": 3, "unified": 0, "ready": 3,
+                                   "workers": 3}
+    empty = text(render.models(admin_pb2.ListModelSpecsResponse(), []))
+    assert empty.strip() == "no model specs and no workers"
+
+
+def test_tls_mismatch_says_tls_is_the_likely_cause_and_which_flag() -> None:
+    details = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:10.0.0.1:7070: Socket closed"
+    line, status = _explain(grpc.StatusCode.UNAVAILABLE, details)
+    assert status == EXIT_UNREACHABLE
+    assert line.startswith("tandemctl: cannot reach the control plane at 10.0.0.1:7070 (UNAVAILABLE: socket closed)")
+    assert "TLS is the likely cause" in line and "--ca-file" in line
+    line, _ = explain(grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED",
+                      "10.0.0.1:7070", token_given=False, timeout=10, method="ListWorkers", tls=True)
+    assert "TLS is the likely cause" in line and "drop the TLS flags" in line
+
+
+def test_router_tls_mismatch_names_the_generate_flags() -> None:
+    from controlplane.cli.up import router_error
+
+    error = router_error("127.0.0.1:50051", grpc.StatusCode.UNAVAILABLE, "Socket closed", tls=False)
+    assert error.exit_code == EXIT_UNREACHABLE
+    assert str(error).startswith("tandemctl: cannot reach the router at 127.0.0.1:50051 (UNAVAILABLE: Socket closed). "
+                                 "TLS is the likely cause") and "--ca-file" in str(error)
+    refused = router_error("127.0.0.1:50051", grpc.StatusCode.UNAVAILABLE, "Connection refused", tls=False)
+    assert "Set --router or TANDEM_ROUTER" in str(refused)
