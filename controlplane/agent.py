@@ -144,18 +144,19 @@ def build_record(settings: AgentSettings, inventory: Inventory, *, simulated: bo
 
 # -- metrics ------------------------------------------------------------------------------------------
 
-# (series suffix, help, GpuInfo field); optional fields without a reading get no series.
-_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("utilization_percent", "GPU busy time over NVML's last sample period, percent", "utilization_percent"),
-    ("memory_utilization_percent", "GPU memory controller busy time, percent", "memory_utilization_percent"),
-    ("memory_used_bytes", "GPU memory in use, bytes", "memory_used_bytes"),
-    ("memory_total_bytes", "GPU memory, bytes", "memory_total_bytes"),
-    ("temperature_celsius", "GPU core temperature", "temperature_c"),
-    ("power_watts", "GPU power draw", "power_w"),
-    ("power_limit_watts", "GPU enforced power limit", "power_limit_w"),
-    ("ecc_corrected_errors", "corrected ECC errors since the driver loaded", "ecc_corrected_errors"),
-    ("ecc_uncorrected_errors", "uncorrected ECC errors since the driver loaded", "ecc_uncorrected_errors"),
-    ("health", "GPU health: 1 ok, 2 degraded, 3 failed", "health"),
+# (series suffix, help, GpuInfo field, scale); optional fields without a reading get no series.
+# NVML's percentages are exported as Prometheus ratios (0..1).
+_GAUGES: tuple[tuple[str, str, str, float], ...] = (
+    ("utilization_ratio", "GPU busy time over NVML's last sample period, 0..1", "utilization_percent", 0.01),
+    ("memory_utilization_ratio", "GPU memory controller busy time, 0..1", "memory_utilization_percent", 0.01),
+    ("memory_used_bytes", "GPU memory in use, bytes", "memory_used_bytes", 1.0),
+    ("memory_total_bytes", "GPU memory, bytes", "memory_total_bytes", 1.0),
+    ("temperature_celsius", "GPU core temperature", "temperature_c", 1.0),
+    ("power_watts", "GPU power draw", "power_w", 1.0),
+    ("power_limit_watts", "GPU enforced power limit", "power_limit_w", 1.0),
+    ("ecc_corrected_errors", "corrected ECC errors since the driver loaded", "ecc_corrected_errors", 1.0),
+    ("ecc_uncorrected_errors", "uncorrected ECC errors since the driver loaded", "ecc_uncorrected_errors", 1.0),
+    ("health", "GPU health: 1 ok, 2 degraded, 3 failed", "health", 1.0),
 )
 
 
@@ -175,12 +176,12 @@ class GpuCollector(Collector):
         if record is None:
             return
         labels = ["node", "gpu", "uuid", "catalog_id"]
-        for suffix, doc, name in _GAUGES:
+        for suffix, doc, name, scale in _GAUGES:
             family = GaugeMetricFamily(f"tandem_gpu_{suffix}", doc, labels=labels)
             for gpu in record.gpus:
                 value = _reading(gpu, name)
                 if value is not None:
-                    family.add_metric([record.node, str(gpu.index), gpu.uuid, gpu.catalog_id], value)
+                    family.add_metric([record.node, str(gpu.index), gpu.uuid, gpu.catalog_id], value * scale)
             yield family
         count = GaugeMetricFamily("tandem_agent_gpus", "GPUs this agent reports", labels=["node", "simulated"])
         count.add_metric([record.node, str(record.simulated).lower()], len(record.gpus))

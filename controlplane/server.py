@@ -115,11 +115,16 @@ class ControlPlaneSettings(CommonSettings):
 
 
 class ControlPlaneMetrics:
-    """The replica's Prometheus series, in a registry of its own (several replicas may share a process)."""
+    """The replica's Prometheus series, in a registry of its own (several replicas may share a process).
 
-    def __init__(self) -> None:
+    `is_leader` is labelled with the replica id, so a dashboard names the leader
+    (and shows two at once, should that ever happen).
+    """
+
+    def __init__(self, replica_id: str) -> None:
         self.registry = CollectorRegistry()
-        self.is_leader = Gauge("tandem_controlplane_is_leader", "1 while this replica leads", registry=self.registry)
+        self.is_leader = Gauge("tandem_controlplane_is_leader", "1 while this replica leads", ["replica"],
+                               registry=self.registry).labels(replica=replica_id)
         self.verdicts = Counter("tandem_controlplane_verdicts", "health verdicts written, by status",
                                 ["status"], registry=self.registry)
         self.probe_seconds = Histogram(
@@ -135,7 +140,7 @@ async def serve(settings: ControlPlaneSettings) -> None:
     client = await EtcdClient(settings.etcd_settings()).connect()
     session = LeaseSession(client, ttl=settings.lease_ttl, name=settings.replica_id)
     view = RegistryView(client, keys, probe_interval=min(1.0, settings.lease_ttl / 3))
-    metrics = ControlPlaneMetrics()
+    metrics = ControlPlaneMetrics(settings.replica_id)
     token = settings.token()
     service = GrpcService(settings.listen, service_names=[ADMIN_SERVICE], tls=settings.tls(),
                           interceptors=[BearerTokenInterceptor(token)] if token else [])
@@ -172,6 +177,8 @@ async def serve(settings: ControlPlaneSettings) -> None:
                        metrics_port=endpoint_server.port if endpoint_server else 0)
         await stop.wait()
     finally:
+        if endpoint_server is not None:
+            endpoint_server.draining()
         with contextlib.suppress(Exception):
             await service.set_serving(False)
         if prober is not None:

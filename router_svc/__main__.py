@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +17,8 @@ from router_svc.live_view import LiveView
 from router_svc.metrics import RouterMetrics
 from router_svc.models import ModelCatalog, parse_tokenizer_map
 from router_svc.pipeline import Pipeline, PipelineConfig
-from router_svc.policy import PolicyConfig, create_policy
+from router_svc.policies import create_policy
+from router_svc.policy import PolicyConfig
 from router_svc.servicer import InferenceServicer
 from router_svc.settings import RouterSettings
 from runtime.channels import ChannelPool
@@ -38,7 +40,8 @@ async def serve(settings: RouterSettings) -> int:
     tls = settings.peer_tls()
     channels = ChannelPool(tls)
     view = LiveView(client, settings.keys(), channels)
-    policy = create_policy(settings.policy, config=PolicyConfig(
+    # A system-seeded rng: router replicas must not all break ties the same way.
+    policy = create_policy(settings.policy, rng=random.Random(), config=PolicyConfig(
         local_prefill_max_prompt_tokens=settings.local_prefill_max_prompt_tokens,
         prefill_queue_limit_tokens=settings.prefill_queue_limit_tokens))
     pipeline = Pipeline(view, policy, channels, PipelineConfig(
@@ -65,6 +68,8 @@ async def serve(settings: RouterSettings) -> int:
         log.info("router ready", extra={"endpoint": endpoint, "policy": policy.name})
         await stop.wait()
     finally:
+        if metrics_endpoint is not None:
+            metrics_endpoint.draining()  # /healthz says so while in-flight streams finish
         await service.set_serving(False)
         await service.stop(grace=settings.shutdown_grace)
         await view.close()

@@ -1,4 +1,9 @@
-"""The router's Prometheus series (tandem_router_*)."""
+"""The router's Prometheus series (tandem_router_*).
+
+Every series carries the served `model` (empty for a request rejected before a
+served model was resolved: an unknown name, or bad arguments); statuses are
+gRPC code names (`OK`, `INVALID_ARGUMENT`...), as the workers' are.
+"""
 
 from __future__ import annotations
 
@@ -13,28 +18,32 @@ class RouterMetrics:
     """Created once per process (prometheus-client registers series globally)."""
 
     def __init__(self) -> None:
-        self.requests = Counter("tandem_router_requests", "Requests by final gRPC status", ["status"])
-        self.e2e = Histogram("tandem_router_request_seconds", "End-to-end request time", buckets=_LATENCY_BUCKETS)
-        self.ttft = Histogram("tandem_router_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS)
+        self.requests = Counter("tandem_router_requests", "Requests by model and final gRPC status",
+                                ["model", "status"])
+        self.e2e = Histogram("tandem_router_request_seconds", "End-to-end request time", ["model"],
+                             buckets=_LATENCY_BUCKETS)
+        self.ttft = Histogram("tandem_router_ttft_seconds", "Time to first token", ["model"],
+                              buckets=_LATENCY_BUCKETS)
         self.inter_token = Histogram("tandem_router_inter_token_seconds", "Mean inter-token latency per request",
-                                     buckets=_LATENCY_BUCKETS)
-        self.queue = Histogram("tandem_router_queue_seconds", "Queue time (router and worker)",
+                                     ["model"], buckets=_LATENCY_BUCKETS)
+        self.queue = Histogram("tandem_router_queue_seconds", "Queue time (router and worker)", ["model"],
                                buckets=_LATENCY_BUCKETS)
-        self.kv_transfer = Histogram("tandem_router_kv_transfer_seconds", "KV cache transfer time",
+        self.kv_transfer = Histogram("tandem_router_kv_transfer_seconds", "KV cache transfer time", ["model"],
                                      buckets=_LATENCY_BUCKETS)
-        self.retries = Counter("tandem_router_retries", "Worker calls retried elsewhere before the first token")
-        self.migrations = Counter("tandem_router_migrations", "Sequences moved to a new pair mid-stream")
-        self.decisions = Counter("tandem_router_decisions", "Routing decisions by reason", ["reason"])
-        self.tokens = Counter("tandem_router_generated_tokens", "Tokens streamed to clients")
+        self.retries = Counter("tandem_router_retries", "Worker calls retried elsewhere before the first token",
+                               ["model"])
+        self.migrations = Counter("tandem_router_migrations", "Sequences moved to a new pair mid-stream", ["model"])
+        self.decisions = Counter("tandem_router_decisions", "Routing decisions by reason", ["model", "reason"])
+        self.tokens = Counter("tandem_router_generated_tokens", "Tokens streamed to clients", ["model"])
 
-    def observe(self, outcome: Outcome) -> None:
-        self.ttft.observe(outcome.ttft_ms / 1000)
+    def observe(self, outcome: Outcome, model: str) -> None:
+        self.ttft.labels(model=model).observe(outcome.ttft_ms / 1000)
         if outcome.mean_inter_token_ms:
-            self.inter_token.observe(outcome.mean_inter_token_ms / 1000)
-        self.queue.observe(outcome.queue_ms / 1000)
+            self.inter_token.labels(model=model).observe(outcome.mean_inter_token_ms / 1000)
+        self.queue.labels(model=model).observe(outcome.queue_ms / 1000)
         if outcome.kv_transfer_ms:
-            self.kv_transfer.observe(outcome.kv_transfer_ms / 1000)
-        self.retries.inc(outcome.retries)
-        self.migrations.inc(outcome.migrations)
-        self.decisions.labels(reason=outcome.reason or "none").inc()
-        self.tokens.inc(outcome.completion_tokens)
+            self.kv_transfer.labels(model=model).observe(outcome.kv_transfer_ms / 1000)
+        self.retries.labels(model=model).inc(outcome.retries)
+        self.migrations.labels(model=model).inc(outcome.migrations)
+        self.decisions.labels(model=model, reason=outcome.reason or "none").inc()
+        self.tokens.labels(model=model).inc(outcome.completion_tokens)

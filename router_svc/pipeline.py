@@ -68,6 +68,9 @@ __all__ = ["Job", "Outcome", "Pipeline", "PipelineConfig", "RouteFailure", "Susp
 
 log = logging.getLogger(__name__)
 
+# Seconds a finished decode stream gets to end by itself before the router cancels it.
+FINISH_GRACE_S = 2.0
+
 
 class RouteFailure(Exception):
     """The request cannot be completed: answer `code` with `message` (and a retry hint, if any)."""
@@ -135,8 +138,8 @@ class Pipeline:
         self.clock = clock
         self.suspects = Suspects(config.suspect_s)
         self.stalls = StallWatch(config.stall_timeout_s)
-        # Releases in flight: the loop keeps only weak references to tasks.
-        self._releases: set[asyncio.Task[None]] = set()
+        # KV releases and finishing decode calls in flight: the loop keeps only weak references to tasks.
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, job: Job) -> AsyncGenerator[list[int] | Outcome, None]:
         """Yields lists of new token ids, then one Outcome. Raises RouteFailure."""
@@ -161,18 +164,24 @@ class Pipeline:
                     pending.extend(life.step(await self._prefill(job, sampling, action)))
                 elif isinstance(action, CallDecode):
                     call = self._start_decode(job, sampling, action)
+                    finished = False
                     try:
                         with self.stalls.watch(call) as watched:
                             # The machine leaves DECODING when this call has finished or failed.
                             while life.phase is Phase.DECODING:
-                                for out in life.step(await self._read_step(call, watched, action.worker)):
+                                event = await self._read_step(call, watched, action.worker)
+                                finished = isinstance(event, DecodeStepped) and bool(event.finish_reason)
+                                for out in life.step(event):
                                     if isinstance(out, Emit):
                                         yield list(out.tokens)
                                         watched.touch()  # time the client took is not the worker's silence
                                     else:
                                         pending.append(out)
                     finally:
-                        call.cancel()
+                        if finished:
+                            self._let_finish(call)
+                        else:
+                            call.cancel()
                 else:
                     self._perform(action)
         finally:
@@ -282,6 +291,26 @@ class Pipeline:
                                                      "details": exc.details()})
         return Code(code.name)
 
+    def _let_finish(self, call: grpc.aio.UnaryStreamCall) -> None:
+        """Lets a decode call that sent its last step end on its own, in the background.
+
+        Cancelling it at once would race the worker's return, and the worker
+        would count a completed request as CANCELLED. One that does not end
+        within FINISH_GRACE_S is cancelled.
+        """
+        async def finish() -> None:
+            try:
+                await asyncio.wait_for(call.code(), FINISH_GRACE_S)
+            except (TimeoutError, grpc.aio.AioRpcError):
+                call.cancel()
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing can wait for it
+            task = asyncio.get_running_loop().create_task(finish(), name="decode-finish")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        call.cancel()
+
     def _release_later(self, handle: KvRef) -> None:
         """Frees an unused KV handle now rather than at its TTL (best effort, in the background)."""
         stub = worker_pb2_grpc.KvSourceStub(self.channels.get(handle.endpoint))
@@ -292,8 +321,8 @@ class Pipeline:
 
         with contextlib.suppress(RuntimeError):  # no running loop: the handle's TTL frees it
             task = asyncio.get_running_loop().create_task(release(), name=f"kv-release-{handle.handle_id}")
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
 
 def _worker(candidate: Candidate) -> Worker:

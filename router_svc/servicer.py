@@ -106,11 +106,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         most of its per-token work when nobody watches the stream.
         """
         started = time.monotonic()
-        status = "ok"
+        status = "OK"
         try:
             _, job, detok = self._prepare(request, context)
         except RequestError as exc:
-            self.metrics.requests.labels(status=exc.code.name).inc()
+            self.metrics.requests.labels(model="", status=exc.code.name).inc()
             await context.abort(exc.code, cap(exc.message))
         with request_scope(job.request_id):
             sent = 0
@@ -127,7 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                 if stopped:
                                     item.finish_reason = FinishReason.STOP_STRING
                             yield self._last(job, detok, item, sent)
-                            self.metrics.observe(item)
+                            self.metrics.observe(item, job.model)
                             break
                         if whole:
                             held.extend(item)
@@ -149,8 +149,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 status = "CANCELLED"
                 raise
             finally:
-                self.metrics.requests.labels(status=status).inc()
-                self.metrics.e2e.observe(time.monotonic() - started)
+                self.metrics.requests.labels(model=job.model, status=status).inc()
+                self.metrics.e2e.labels(model=job.model).observe(time.monotonic() - started)
 
     def _last(self, job: Job, detok: Detokenizer, outcome: Outcome, sent: int) -> inference_pb2.GenerateResponse:
         tail = detok.finish()

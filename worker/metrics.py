@@ -2,11 +2,14 @@
 
 Gauges are read from the engine and admission at scrape time (a collector,
 so nothing polls); counters and histograms are updated by the servicers.
+Every series carries the worker's `role`, `worker_id` and served `model`, so
+a counter and a gauge of one worker join on the same labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -35,10 +38,10 @@ class _LoadCollector(Collector):
             ("tandem_worker_active_sequences", "Sequences holding KV on this worker", report.active_sequences),
             ("tandem_worker_queued_prefill_tokens", "Prompt tokens waiting for prefill", report.queued_prefill_tokens),
             ("tandem_worker_kv_blocks_used", "KV cache blocks in use", report.kv_blocks_used),
-            ("tandem_worker_kv_blocks_total", "KV cache blocks in all", report.kv_blocks_total),
+            ("tandem_worker_kv_blocks_capacity", "KV cache blocks in all", report.kv_blocks_total),
             ("tandem_worker_open_kv_handles", "Exported KV handles not yet released", report.open_kv_handles),
             ("tandem_worker_draining", "1 while the worker takes no new requests", int(report.draining)),
-            ("tandem_worker_prefix_cache_hit_rate", "Prefix-cache hit rate over the lifetime",
+            ("tandem_worker_prefix_cache_hit_ratio", "Prefix-cache hits over lookups in the lifetime, 0..1",
              report.prefix_cache_hit_rate),
         ):
             family = GaugeMetricFamily(name, help_text, labels=names)
@@ -46,17 +49,38 @@ class _LoadCollector(Collector):
             yield family
 
 
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class _Bound(Generic[_M]):
+    """A labelled series with the worker's own labels filled in: `.labels(...)` takes only the rest."""
+
+    def __init__(self, metric: _M, fixed: dict[str, str], rest: Sequence[str]) -> None:
+        self._metric: _M = metric
+        self._fixed = fixed
+        self._rest = tuple(rest)
+
+    def labels(self, *values: str, **named: str) -> _M:
+        return self._metric.labels(**self._fixed, **dict(zip(self._rest, values, strict=False)), **named)
+
+
 class WorkerMetrics:
     """Created once per worker process."""
 
-    def __init__(self, role: str, worker_id: str, snapshot: Callable[[], worker_pb2.LoadReport]) -> None:
-        labels = {"role": role, "worker_id": worker_id}
-        REGISTRY.register(_LoadCollector(snapshot, labels))
-        self.requests = Counter("tandem_worker_requests", "Requests by RPC and final status", ["rpc", "status"])
-        self.prefill_seconds = Histogram("tandem_worker_prefill_seconds", "Prefill time (engine)", buckets=_BUCKETS)
-        self.kv_transfer_seconds = Histogram("tandem_worker_kv_transfer_seconds", "KV cache import time",
-                                             ["transport"], buckets=_BUCKETS)
-        self.kv_transfer_bytes = Counter("tandem_worker_kv_transfer_bytes", "KV cache bytes imported", ["transport"])
-        self.kv_exported_bytes = Counter("tandem_worker_kv_exported_bytes", "KV cache bytes offered to decode workers",
-                                         ["transport"])
-        self.generated_tokens = Counter("tandem_worker_generated_tokens", "Tokens generated")
+    def __init__(self, role: str, worker_id: str, snapshot: Callable[[], worker_pb2.LoadReport],
+                 model: str = "") -> None:
+        fixed = {"role": role, "worker_id": worker_id, "model": model}
+        own = list(fixed)
+        REGISTRY.register(_LoadCollector(snapshot, fixed))
+        self.requests = _Bound(Counter("tandem_worker_requests", "Requests by RPC and final gRPC status",
+                                       [*own, "rpc", "status"]), fixed, ["rpc", "status"])
+        self.prefill_seconds = Histogram("tandem_worker_prefill_seconds", "Prefill time (engine)", own,
+                                         buckets=_BUCKETS).labels(**fixed)
+        self.kv_transfer_seconds = _Bound(Histogram("tandem_worker_kv_transfer_seconds", "KV cache import time",
+                                                    [*own, "transport"], buckets=_BUCKETS), fixed, ["transport"])
+        self.kv_transfer_bytes = _Bound(Counter("tandem_worker_kv_transfer_bytes", "KV cache bytes imported",
+                                                [*own, "transport"]), fixed, ["transport"])
+        self.kv_exported_bytes = _Bound(Counter("tandem_worker_kv_exported_bytes",
+                                                "KV cache bytes offered to decode workers", [*own, "transport"]),
+                                        fixed, ["transport"])
+        self.generated_tokens = Counter("tandem_worker_generated_tokens", "Tokens generated", own).labels(**fixed)

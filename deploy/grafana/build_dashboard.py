@@ -18,13 +18,13 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def panel(title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int, w: int = 12, h: int = 8,
-          kind: str = "timeseries") -> dict[str, object]:
+          kind: str = "timeseries", defaults: dict[str, object] | None = None) -> dict[str, object]:
     return {
         "type": kind,
         "title": title,
         "datasource": DS,
         "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, **(defaults or {})}, "overrides": []},
         "targets": [{"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(65 + i)}
                     for i, (expr, legend) in enumerate(exprs)],
     }
@@ -43,10 +43,11 @@ def row(title: str, y: int) -> dict[str, object]:
 def build() -> dict[str, object]:
     panels = [
         row("Requests (routers)", 0),
-        panel("Requests/s by status", [("sum by (status) (rate(tandem_router_requests_total[1m]))", "{{status}}")],
+        panel("Requests/s by model and status",
+              [("sum by (model, status) (rate(tandem_router_requests_total[1m]))", "{{model}} {{status}}")],
               "reqps", 0, 1),
-        panel("Tokens/s streamed", [("sum(rate(tandem_router_generated_tokens_total[1m]))", "tokens/s")],
-              "short", 12, 1),
+        panel("Tokens/s streamed by model",
+              [("sum by (model) (rate(tandem_router_generated_tokens_total[1m]))", "{{model}}")], "short", 12, 1),
         panel("Time to first token", quantiles("tandem_router_ttft_seconds"), "s", 0, 9),
         panel("Inter-token latency", quantiles("tandem_router_inter_token_seconds"), "s", 12, 9),
         panel("End-to-end", quantiles("tandem_router_request_seconds"), "s", 0, 17),
@@ -62,7 +63,7 @@ def build() -> dict[str, object]:
         panel("Queued prefill tokens",
               [("sum by (worker_id) (tandem_worker_queued_prefill_tokens)", "{{worker_id}}")], "short", 12, 34),
         panel("KV cache in use",
-              [("tandem_worker_kv_blocks_used / tandem_worker_kv_blocks_total", "{{worker_id}}")],
+              [("tandem_worker_kv_blocks_used / tandem_worker_kv_blocks_capacity", "{{worker_id}}")],
               "percentunit", 0, 42),
         panel("KV transfer throughput",
               [("sum by (transport) (rate(tandem_worker_kv_transfer_bytes_total[1m]))", "{{transport}}")],
@@ -71,8 +72,8 @@ def build() -> dict[str, object]:
         panel("Open KV handles", [("sum by (worker_id) (tandem_worker_open_kv_handles)", "{{worker_id}}")],
               "short", 12, 50),
         row("GPUs (node agents)", 58),
-        panel("GPU utilisation", [("tandem_gpu_utilization_percent", "{{node}}/{{gpu}} {{catalog_id}}")],
-              "percent", 0, 59),
+        panel("GPU utilisation", [("tandem_gpu_utilization_ratio", "{{node}}/{{gpu}} {{catalog_id}}")],
+              "percentunit", 0, 59),
         panel("GPU memory used",
               [("tandem_gpu_memory_used_bytes / tandem_gpu_memory_total_bytes", "{{node}}/{{gpu}}")],
               "percentunit", 12, 59),
@@ -80,13 +81,17 @@ def build() -> dict[str, object]:
                                                           "{{node}}/{{gpu}}")], "short", 0, 67),
         panel("GPU power", [("tandem_gpu_power_watts", "{{node}}/{{gpu}}")], "watt", 12, 67),
         row("Control plane", 75),
-        panel("Leader", [("max by (replica) (tandem_controlplane_is_leader)", "{{replica}}")], "short", 0, 76,
-              w=8),
+        panel("Leader (1 = leads)", [("max by (replica) (tandem_controlplane_is_leader)", "{{replica}}")], "short",
+              0, 76, w=8),
         panel("Health verdicts/s", [("sum by (status) (rate(tandem_controlplane_verdicts_total[5m]))",
                                      "{{status}}")], "ops", 8, 76, w=8),
         panel("Probe latency", quantiles("tandem_controlplane_probe_seconds"), "s", 16, 76, w=8),
         panel("Registry view staleness", [("max(tandem_controlplane_view_staleness_seconds)", "staleness")],
               "s", 0, 84),
+        # Exactly one leader is healthy; 0 means no prober runs, 2 means a split brain.
+        panel("Leaders (should be 1)", [("sum(tandem_controlplane_is_leader)", "leaders")], "short", 12, 84,
+              kind="stat", defaults={"thresholds": {"mode": "absolute", "steps": [
+                  {"color": "red", "value": None}, {"color": "green", "value": 1}, {"color": "red", "value": 2}]}}),
     ]
     for i, p in enumerate(panels):
         p["id"] = i + 1

@@ -49,8 +49,9 @@ def is_leader_metric(replica: ManagedProcess) -> float:
     port = replica.info["metrics_port"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
         for line in reply.read().decode().splitlines():
-            if line.startswith("tandem_controlplane_is_leader "):
-                return float(line.split()[1])
+            # tandem_controlplane_is_leader{replica="cp-0"} 1.0
+            if line.startswith("tandem_controlplane_is_leader{"):
+                return float(line.rsplit(" ", 1)[1])
     raise AssertionError("tandem_controlplane_is_leader not exported")
 
 

@@ -40,6 +40,7 @@ from controlplane.etcd_server import EtcdServer
 from router_svc.__main__ import RouterSettings
 from router_svc.models import parse_tokenizer_map
 from runtime.config import load_config
+from worker.process import EXIT_BAD_SETTINGS, EXIT_ENGINE_FAILED, EXIT_GPU_CLAIMED, NO_RESTART_EXIT_STATUSES
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
@@ -256,7 +257,14 @@ def test_unit_properties(case: UnitCase) -> None:
     assert "DynamicUser" not in service
     assert value(unit, "Service", "Restart") == "on-failure"
     assert seconds(value(unit, "Service", "RestartSec")) >= 5
-    assert value(unit, "Service", "RestartPreventExitStatus") == "2", "bad settings exit 2: do not loop on them"
+    no_restart = {int(status) for status in value(unit, "Service", "RestartPreventExitStatus").split()}
+    if case.settings == WORKER:
+        # The worker's own constants: a bad setting, and a GPU another worker holds (claimed before loading).
+        assert no_restart == set(NO_RESTART_EXIT_STATUSES), \
+            f"{case.file}: RestartPreventExitStatus= must list worker.process's {NO_RESTART_EXIT_STATUSES}"
+        assert {EXIT_BAD_SETTINGS, EXIT_GPU_CLAIMED} <= no_restart and EXIT_ENGINE_FAILED not in no_restart
+    else:
+        assert no_restart == {2}, "bad settings exit 2: do not loop on them"
     assert int(value(unit, "Unit", "StartLimitBurst")) >= 3
     assert seconds(value(unit, "Unit", "StartLimitIntervalSec")) >= 300
     assert value(unit, "Service", "KillSignal") == "SIGTERM"
@@ -264,7 +272,6 @@ def test_unit_properties(case: UnitCase) -> None:
     assert int(value(unit, "Service", "LimitNOFILE")) >= 4096
     for key, expected in HARDENING.items():
         assert value(unit, "Service", key) == expected, f"{case.file}: {key}"
-    assert "RemoveIPC" not in service and "PrivateIPC" not in service, "the shm KV transport shares /dev/shm"
 
     after = " ".join(values(unit, "Unit", "After")).split()
     wants = " ".join(values(unit, "Unit", "Wants")).split()
@@ -292,6 +299,22 @@ def test_unit_properties(case: UnitCase) -> None:
     else:
         assert value(unit, "Service", "PrivateDevices") == "yes"
         assert values(unit, "Service", "SystemCallFilter") == ["@system-service", "~@privileged"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_memory_ipc_and_grpc_logging(case: UnitCase) -> None:
+    """Plain units deny W+X memory and drop IPC; GPU units cannot (CUDA JITs, the shm KV transport)."""
+    unit = parse_unit(UNIT_DIR / case.file)
+    service = dict(unit["Service"])
+    if case.gpu:
+        assert "MemoryDenyWriteExecute" not in service, "CUDA, torch and Triton compile into executable memory"
+        assert "RemoveIPC" not in service and "PrivateIPC" not in service, "the shm KV transport shares /dev/shm"
+    else:
+        assert value(unit, "Service", "MemoryDenyWriteExecute") == "yes"
+        assert value(unit, "Service", "PrivateMounts") == "yes"
+        assert value(unit, "Service", "RemoveIPC") == "yes"
+    # gRPC's C core writes its own non-JSON lines to stderr otherwise, and `journalctl | jq` aborts on them.
+    assert service_environment(case).get("GRPC_VERBOSITY") == "NONE"
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
