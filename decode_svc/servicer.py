@@ -1,10 +1,13 @@
 """The Decode service: a prefilled sequence in, a stream of tokens out.
 
-With a KV handle the worker checks the layout first (FAILED_PRECONDITION
-before moving a byte of an incompatible cache), pulls the KV through the
-handle's transport, releases the handle, and decodes from the prefill
-worker's first token. Without one it prefills locally. Cancelling the call
-closes the engine's sequence at once (its KV blocks are freed).
+With a KV handle the worker first checks the handle (worker.handle_check:
+a registered prefill worker of this model as its source, an accepted
+transport, a size the layout implies, within max_kv_bytes) and the layout
+(FAILED_PRECONDITION before it connects anywhere or moves a byte), pulls the
+KV through the handle's transport within kv_pull_timeout_s, releases the
+handle, and decodes from the prefill worker's first token. Without one it
+prefills locally. Cancelling the call closes the engine's sequence at once
+(its KV blocks are freed).
 """
 
 from __future__ import annotations
@@ -20,21 +23,50 @@ import grpc
 from engine.base import DecodeRequest, InvalidRequest, KvBlob
 from engine.kv.exporter import fetch_kv
 from engine.kv.layout import layout_from_proto
+from engine.kv.transport import transport_names
+from registry.etcd_client import EtcdClient
+from registry.keys import Kind
+from registry.view import RegistryView
 from runtime.channels import ChannelPool
 from runtime.logs import request_scope
 from runtime.sampling import finish_reason_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.coalesce import coalesced
 from worker.errors import rpc_errors
+from worker.handle_check import HandlePolicy, UnknownProducer, check_fields, check_handle, handle_accepted
 from worker.process import WorkerContext, WorkerRole
 
 log = logging.getLogger(__name__)
 
+# How long a handle from a worker this view has not seen yet waits for the
+# registry watch to catch up (the router's view may be a moment ahead).
+PRODUCER_WAIT_S = 1.0
+
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
-    def __init__(self, ctx: WorkerContext, channels: ChannelPool) -> None:
+    def __init__(self, ctx: WorkerContext, channels: ChannelPool, producers: RegistryView | None) -> None:
         self.ctx = ctx
         self.channels = channels
+        self.producers = producers
+
+    def _policy(self) -> HandlePolicy:
+        records = self.producers.records(Kind.WORKER) if self.producers is not None else []
+        return HandlePolicy(model=self.ctx.engine.model_name, transports=self.ctx.settings.transports(),
+                            max_kv_bytes=self.ctx.settings.max_kv_bytes, producers=records,
+                            known_transports=transport_names())
+
+    async def _check_handle(self, handle: common_pb2.KvHandle) -> None:
+        """HandleMalformed / HandleRefused / KvMismatch before any connection to the handle's source."""
+        check_fields(handle, max_kv_bytes=self.ctx.settings.max_kv_bytes, known_transports=transport_names())
+        self.ctx.engine.layout.check_compatible(layout_from_proto(handle.layout))
+        try:
+            check_handle(handle, self._policy())
+        except UnknownProducer:
+            # A producer registered a moment ago may not be in this view yet: wait a little for the watch.
+            if self.producers is None or not await self.producers.wait_for(
+                    lambda view: handle_accepted(handle, self._policy()), timeout=PRODUCER_WAIT_S):
+                raise
+            check_handle(handle, self._policy())
 
     async def Decode(self, request: worker_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
@@ -53,13 +85,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 if len(generated) >= sampling.max_tokens:
                     raise InvalidRequest(f"generated_token_ids already holds {len(generated)} tokens, max_tokens "
                                          f"is {sampling.max_tokens}: nothing left to decode")
-                with self.ctx.admission.admit():
+                if has_handle:
+                    # Refuse a forged or incompatible handle before connecting anywhere or taking a slot.
+                    await self._check_handle(request.handle)
+                with self.ctx.admission.admit(context.peer()):
                     started = time.perf_counter()
                     blob: KvBlob | None = None
                     if has_handle:
-                        # Refuse an incompatible cache before moving any of it.
-                        engine.layout.check_compatible(layout_from_proto(request.handle.layout))
-                        blob = await fetch_kv(request.handle, channel_factory=self.channels.get)
+                        blob = await fetch_kv(request.handle, channel_factory=self.channels.get,
+                                              timeout_s=self.ctx.settings.kv_pull_timeout_s)
                     transfer_ms = (time.perf_counter() - started) * 1000
                     if blob is not None:
                         transport = request.handle.transport or "grpc"
@@ -98,12 +132,30 @@ class DecodeRole(WorkerRole):
 
     def __init__(self) -> None:
         self.channels: ChannelPool | None = None
+        self.producers: RegistryView | None = None
+        self._etcd: EtcdClient | None = None
 
     def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
         # KV pulls from prefill workers go over TLS when --peer-ca-file is set.
         self.channels = ChannelPool(ctx.settings.peer_tls())
-        worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(ctx, self.channels), server)
+        # The registered workers, to accept KV handles only from real producers.
+        self._etcd = EtcdClient(ctx.settings.etcd_settings())
+        keys = ctx.settings.keys()
+        self.producers = RegistryView(self._etcd, keys, prefix=keys.kind_prefix(Kind.WORKER), kinds=[Kind.WORKER])
+        worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(ctx, self.channels, self.producers), server)
+
+    async def started(self, endpoint: str) -> None:
+        if self._etcd is not None and self.producers is not None:
+            await self._etcd.connect()
+            self.producers.start()
 
     async def close(self) -> None:
+        """Safe twice."""
         if self.channels is not None:
             await self.channels.close()
+        producers, self.producers = self.producers, None
+        if producers is not None:
+            await producers.close()
+        etcd, self._etcd = self._etcd, None
+        if etcd is not None:
+            await etcd.close()

@@ -235,7 +235,8 @@ class Pipeline:
         try:
             reply = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=job.request_id, model=job.model, prompt_token_ids=job.prompt, sampling=sampling,
-                kv_transports=list(self.config.kv_transports), consumer_host=action.consumer_host),
+                kv_transports=_transports_for(self.config.kv_transports, action.consumer_transports),
+                consumer_host=action.consumer_host),
                 timeout=action.timeout_s)
         except grpc.aio.AioRpcError as exc:
             return PrefillFailed(self.clock(), self._failure_code(exc, action.worker), exc.details() or "")
@@ -326,7 +327,17 @@ class Pipeline:
 
 
 def _worker(candidate: Candidate) -> Worker:
-    return Worker(candidate.worker_id, candidate.endpoint, candidate.host)
+    return Worker(candidate.worker_id, candidate.endpoint, candidate.host, candidate.kv_transports)
+
+
+def _transports_for(preference: tuple[str, ...], consumer: tuple[str, ...]) -> list[str]:
+    """The router's transports, best first, that the decode worker accepts (it refuses any other).
+
+    When none is shared (or the consumer's list is unknown) the router's own list goes: the decode
+    worker then refuses the handle and the request falls back to prefilling on it.
+    """
+    shared = [t for t in preference if t in consumer]
+    return shared or list(preference)
 
 
 def _cancelled_here() -> bool:

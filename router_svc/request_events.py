@@ -48,6 +48,8 @@ class Worker:
     worker_id: str
     endpoint: str
     host: str = ""
+    # The KV transports it accepts as a decode worker (from its record); empty: unknown.
+    kv_transports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,8 @@ class CallPrefill:
     worker: Worker
     consumer_host: str
     timeout_s: float
+    # What the decode worker that will pull the KV accepts; empty: unknown.
+    consumer_transports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,8 @@ class RequestLife:
             self.phase = Phase.PREFILLING
             remaining = self._remaining(event.now)
             timeout = self.prefill_timeout_s if remaining is None else min(remaining, self.prefill_timeout_s)
-            return [CallPrefill(event.prefill, consumer_host=event.decode.host, timeout_s=timeout)]
+            return [CallPrefill(event.prefill, consumer_host=event.decode.host, timeout_s=timeout,
+                                consumer_transports=event.decode.kv_transports)]
         return [self._call_decode(event.now)]
 
     def _call_decode(self, now: float) -> CallDecode:

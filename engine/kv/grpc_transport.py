@@ -5,7 +5,7 @@ in the store, whatever its transport (Pull is every transport's fallback).
 The prefill service mounts it on its grpc.aio server with
 `add_KvSourceServicer_to_server`.
 
-Consumer: `fetch(handle, channel)` pulls into one preallocated buffer and
+Consumer: `fetch(handle, channel)` pulls into one buffer (allocated with the first chunk) and
 verifies each chunk's CRC32C, the offsets and the total size.
 
 Wire: KvChunk{offset, data, crc32c, total_bytes}, in order, default 4 MiB of
@@ -77,7 +77,9 @@ class Producer(ProducerBase):
 async def fetch(handle: KvHandle, channel: grpc.aio.Channel, *, max_chunk_bytes: int = 0) -> memoryview:
     """The payload of `handle` via KvSource.Pull. KvNotFound / KvTransferError on failure."""
     stub = worker_pb2_grpc.KvSourceStub(channel)
-    buffer = allocate(handle.nbytes)
+    # Allocated when the first chunk arrives, not before: a handle whose producer
+    # sends nothing must not pin nbytes of memory for the length of the pull.
+    buffer: memoryview | None = None
     received = 0
     call = stub.Pull(worker_pb2.KvPullRequest(handle_id=handle.handle_id, max_chunk_bytes=max_chunk_bytes))
     try:
@@ -91,6 +93,8 @@ async def fetch(handle: KvHandle, channel: grpc.aio.Channel, *, max_chunk_bytes:
             if crc32c(chunk.data) != chunk.crc32c:
                 raise KvTransferError(f"KV handle {handle.handle_id!r}: CRC32C mismatch in the chunk at offset "
                                       f"{chunk.offset} ({size} bytes)")
+            if buffer is None:
+                buffer = allocate(handle.nbytes)
             buffer[received:received + size] = chunk.data
             received += size
     except grpc.aio.AioRpcError as exc:
@@ -102,4 +106,4 @@ async def fetch(handle: KvHandle, channel: grpc.aio.Channel, *, max_chunk_bytes:
         call.cancel()  # no-op when finished; frees the stream when we stop early
     if received != handle.nbytes:
         raise KvTransferError(f"KV handle {handle.handle_id!r}: stream ended at {received} of {handle.nbytes} bytes")
-    return buffer
+    return buffer if buffer is not None else allocate(0)

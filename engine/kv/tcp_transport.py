@@ -3,8 +3,9 @@
 Producer: one listening socket per exporter. Each prepared handle gets a
 one-time token (128 random bits) in transport_params; the payload's CRC32C
 goes into the handle. Consumer: connects, sends the token, reads a header and
-the payload straight into a preallocated buffer (`recv_into`, no per-chunk
-copies), verifies the CRC32C.
+the payload straight into one buffer (`recv_into`, no per-chunk copies),
+allocated only once the producer's header confirms the handle's size, and
+verifies the CRC32C.
 
 Wire, all integers big-endian:
   consumer -> producer: token (32 ASCII hex bytes)
@@ -129,9 +130,11 @@ async def fetch(handle: KvHandle, channel: grpc.aio.Channel | None = None) -> me
     params = handle.transport_params
     try:
         port, token = int(params["port"]), params["token"]
+        if not 1 <= port <= 65535 or not token.isascii():
+            raise ValueError(port)
     except (KeyError, ValueError):
-        raise KvTransferError(f"KV handle {handle.handle_id!r}: tcp transport_params need port and token, "
-                              f"got {sorted(params)}") from None
+        raise KvTransferError(f"KV handle {handle.handle_id!r}: tcp transport_params need a port (1..65535) and an "
+                              f"ASCII token, got {sorted(params)}") from None
     host = params.get("host") or handle.source_endpoint.rpartition(":")[0].strip("[]") or handle.source_host
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     cancelled = threading.Event()

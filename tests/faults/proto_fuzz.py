@@ -8,7 +8,8 @@ gets past the first check and reaches deeper code; repeated token ids are
 random 32-bit values. `raw_payloads(cls)` draws bytes for the wire: pure
 noise, a string field holding invalid UTF-8, or a valid message with
 garbage appended. `decodes(cls, payload)` says whether the server can parse
-a payload, which decides the status it may answer with.
+a payload, which decides the status it may answer with. `mutations(base)`
+draws a valid message with a few fields fuzzed.
 """
 
 from __future__ import annotations
@@ -118,6 +119,37 @@ def _build(cls: type[pb_message.Message], values: dict[str, Any]) -> pb_message.
         else:
             setattr(msg, name, value)
     return msg
+
+
+def mutations(base: pb_message.Message, max_fields: int = 3) -> st.SearchStrategy[pb_message.Message]:
+    """`base` with 1..max_fields of its fields (every one may be picked) replaced by fuzzed values (or cleared).
+
+    A valid message with one bad field gets past every check but the one for
+    that field: how a forged KV handle reaches the deep checks.
+    """
+    cls = type(base)
+    names = [f.name for f in cls.DESCRIPTOR.fields]
+
+    def apply(drawn: tuple[pb_message.Message, list[str]]) -> pb_message.Message:
+        fuzzed, chosen = drawn
+        out = cls()
+        out.CopyFrom(base)
+        for name in chosen:
+            out.ClearField(name)
+            field = cls.DESCRIPTOR.fields_by_name[name]
+            if field.is_repeated or field.message_type is not None:
+                if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                    getattr(out, name).update(getattr(fuzzed, name))
+                elif field.is_repeated:
+                    getattr(out, name).extend(getattr(fuzzed, name))
+                else:
+                    getattr(out, name).CopyFrom(getattr(fuzzed, name))
+            elif fuzzed.HasField(name) if field.has_presence else True:
+                setattr(out, name, getattr(fuzzed, name))
+        return out
+
+    return st.tuples(messages(cls), st.lists(st.sampled_from(names), min_size=1, max_size=max_fields,
+                                             unique=True)).map(apply)
 
 
 def _varint(n: int) -> bytes:

@@ -46,7 +46,7 @@ from tandem.v1 import (
     worker_pb2_grpc,
 )
 from tests.faults.conftest import SIM, Fleet
-from tests.faults.proto_fuzz import decodes, messages, raw_payloads
+from tests.faults.proto_fuzz import decodes, messages, mutations, raw_payloads
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -233,3 +233,38 @@ def test_a_huge_field_gets_a_short_error_naming_it(fuzz_fleet: Fleet, case: str)
         code, details = call(channel, target, request.SerializeToString())
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (code, details[:200])
     assert len(details) <= 1024, f"{len(details)} characters of error details"
+
+
+HANDLE_EXAMPLES = 60
+
+
+def test_fuzzed_kv_handle_fields_get_only_defined_statuses(fuzz_fleet: Fleet) -> None:
+    """A real KV handle with 1-3 of its fields (any of them, tcp/shm params included) fuzzed: Decode answers a
+    defined status (never INTERNAL or UNKNOWN), connects nowhere it should not, and the worker stays healthy."""
+    prompt = list(range(40, 60))
+    sampling = common_pb2.SamplingParams(max_tokens=3, ignore_eos=True)
+    p0, d0 = fuzz_fleet.children["p0"], fuzz_fleet.children["d0"]
+    with grpc.insecure_channel(p0.endpoint) as p_channel, grpc.insecure_channel(d0.endpoint) as d_channel:
+        reply = worker_pb2_grpc.PrefillStub(p_channel).Prefill(worker_pb2.PrefillRequest(
+            model="llama-3-8b", prompt_token_ids=prompt, sampling=sampling), timeout=30)
+        method = worker_pb2.DESCRIPTOR.services_by_name["Decode"].methods_by_name["Decode"]
+        target = Target(d0, method)
+        tcp_like = common_pb2.KvHandle()
+        tcp_like.CopyFrom(reply.handle)
+        tcp_like.transport = "tcp"
+        tcp_like.transport_params.update(port="1", token="ab" * 16)
+
+        @settings(max_examples=HANDLE_EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(handle=st.one_of(mutations(reply.handle), mutations(tcp_like)))
+        def run(handle: common_pb2.KvHandle) -> None:
+            request = worker_pb2.DecodeRequest(model="llama-3-8b", prompt_token_ids=prompt, sampling=sampling,
+                                               handle=handle, first_token_id=reply.first_token_id)
+            code, details = call(d_channel, target, request.SerializeToString())
+            assert code in DEFINED, f"undefined status {code.name} ({details!r}) for {handle!r:.300}"
+            assert d0.alive(), f"d0 died:\n{d0.log_tail()}"
+
+        run()
+        worker_pb2_grpc.KvSourceStub(p_channel).Release(
+            worker_pb2.KvReleaseRequest(handle_id=reply.handle.handle_id), timeout=10)
+    assert_healthy(fuzz_fleet, "d0")

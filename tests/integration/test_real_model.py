@@ -41,7 +41,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Iterator[
     bed = Testbed(tmp_path_factory.mktemp("real-model"), shutdown_grace=5)
     args = ("--engine", "torch", "--model", MODEL, "--max-batch-size", "4")
     bed.start("p", "prefill_svc", *args, "--kv-transports", ",".join(TRANSPORTS), wait=False)
-    bed.start("d", "decode_svc", *args, wait=False)
+    # Decode workers accept only the transports they list: tcp must be named to be pulled.
+    bed.start("d", "decode_svc", *args, "--kv-transports", ",".join(TRANSPORTS), wait=False)
     # Prompts of 8 tokens or fewer prefill on the decode worker; longer ones go through the prefill worker.
     bed.start("r", "router_svc", "--local-prefill-max-prompt-tokens", "8", wait=False)
     try:
