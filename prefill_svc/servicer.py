@@ -39,7 +39,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             async with rpc_errors(context, lambda status: self.ctx.metrics.requests.labels("Prefill", status).inc()):
                 engine = self.ctx.engine
                 sampling, prompt = self.ctx.check_request(request)
-                with self.ctx.admission.admit():
+                # A full handle store refuses before the engine computes a KV it could not keep.
+                self.exporter.store.check_room()
+                with self.ctx.admission.admit(context.peer()):
                     result = await engine.prefill(PrefillRequest(request_id, prompt, sampling))
                     self.ctx.metrics.prefill_seconds.observe(result.prefill_s)
                     response = worker_pb2.PrefillResponse(
@@ -76,7 +78,9 @@ class PrefillRole(WorkerRole):
     def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
         # transports() already drops plaintext tcp when the worker serves TLS.
         self.exporter = KvExporter(transports=ctx.settings.transports(), host=ctx.host,
-                                   default_ttl_s=ctx.settings.kv_handle_ttl)
+                                   default_ttl_s=ctx.settings.kv_handle_ttl,
+                                   max_handles=ctx.settings.max_kv_handles,
+                                   max_bytes=ctx.settings.max_kv_handle_bytes)
         worker_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(ctx, self.exporter, self.endpoint), server)
         worker_pb2_grpc.add_KvSourceServicer_to_server(self.exporter.servicer, server)
 

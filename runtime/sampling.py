@@ -28,6 +28,12 @@ class FinishReason:
     CONTEXT_FULL = "context_full"
 
 
+# Far above any useful value (past ~2 sampling is noise), small enough that logits / T stays finite.
+MAX_TEMPERATURE = 100.0
+# Larger than any vocabulary served; a top_k at or above the vocabulary size means "all tokens".
+MAX_TOP_K = 1 << 20
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Validated sampling settings. Build with `Sampling.create(...)`, which checks ranges."""
@@ -51,12 +57,13 @@ class Sampling:
         sampling = cls(**values)
         if not 1 <= sampling.max_tokens <= max_output_tokens:
             raise InvalidRequest(f"max_tokens must be 1..{max_output_tokens}, got {sampling.max_tokens}")
-        if not sampling.temperature >= 0.0 or sampling.temperature != sampling.temperature:
-            raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
+        # `not <=` also catches NaN; +inf would turn every logit into NaN in the engine.
+        if not 0.0 <= sampling.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be 0..{MAX_TEMPERATURE:g}, got {sampling.temperature}")
         if not 0.0 < sampling.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-        if sampling.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {sampling.top_k}")
+        if not 0 <= sampling.top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k must be 0..{MAX_TOP_K} (0: off), got {sampling.top_k}")
         if any(not s for s in sampling.stop):
             raise InvalidRequest("stop strings must not be empty")
         return sampling

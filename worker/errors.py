@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from engine.base import CapacityExhausted, EngineError, InvalidRequest, KvMismatch
+from engine.kv.handles import StoreFull
 from engine.kv.transport import KvNotFound, KvTransferError
 from runtime.text import cap
 from worker.admission import Refused
@@ -32,6 +33,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, KvNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StoreFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"this prefill worker holds {exc}"
     if isinstance(exc, CapacityExhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "no KV blocks or batch slots free; retry elsewhere"
     if isinstance(exc, KvTransferError):
@@ -39,6 +42,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, EngineError):
         return grpc.StatusCode.INTERNAL, f"engine error: {exc}"
     return None
+
+
+# The key routers and the client library read (router_svc.client_errors.RETRY_AFTER_METADATA_KEY).
+RETRY_AFTER_METADATA_KEY = "tandem-retry-after-ms"
+
+
+def retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata saying when to come back, for a refusal that knows (Refused, StoreFull); else none."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    return ((RETRY_AFTER_METADATA_KEY, str(max(0, round(retry_after_s * 1000)))),)
 
 
 @contextlib.asynccontextmanager
@@ -62,6 +77,6 @@ async def rpc_errors(context: grpc.aio.ServicerContext,
             log.exception("unexpected failure serving a request")
             mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         count(mapped[0].name)
-        await context.abort(mapped[0], cap(mapped[1]))
+        await context.abort(mapped[0], cap(mapped[1]), retry_hint(exc))
     else:
         count("OK")

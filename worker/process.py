@@ -125,7 +125,7 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
     node = settings.resolved_node()
     metrics = MetricsEndpoint(settings.metrics_listen) if settings.metrics_listen else None
     engine = create_engine(settings.engine, settings.engine_config())
-    admission = Admission(worker_id, settings.max_queued_requests)
+    admission = Admission(worker_id, settings.max_queued_requests, settings.max_requests_per_peer)
     tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert and settings.tls_key else None
     service = GrpcService(settings.listen, service_names=[*role.service_names, "tandem.v1.Worker"], tls=tls)
@@ -135,7 +135,9 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
                                       model=engine.model_name))
     role.mount(ctx, service.server)
     worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role))), service.server)
+        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role)),
+                           min_interval_ms=settings.min_load_interval_ms,
+                           max_watchers=settings.max_load_watchers), service.server)
 
     stop = asyncio.Event()
     install_stop_signals(stop)

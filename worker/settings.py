@@ -60,8 +60,22 @@ class WorkerSettings(CommonSettings):
                                  "tcp is left out when serving TLS", choices=known_transports, each=True)
     kv_handle_ttl: float = setting(30.0, "how long an unreleased KV handle lives", above=0, max=3600,
                                    unit="seconds")
+    max_kv_bytes: int = setting(4 << 30, "decode: largest KV payload a handle may name (larger: INVALID_ARGUMENT "
+                                "before any pull)", min=1, unit="bytes")
+    kv_pull_timeout_s: float = setting(120.0, "decode: deadline of one KV pull from a prefill worker", above=0,
+                                       max=3600, unit="seconds")
     max_queued_requests: int = setting(256, "requests accepted but not finished before RESOURCE_EXHAUSTED",
                                        min=1)
+    # Bounded state: what one caller can make a worker hold (docs/api.md, "Limits").
+    max_kv_handles: int = setting(1024, "prefill: open KV handles before Prefill answers RESOURCE_EXHAUSTED",
+                                  min=1, max=1_000_000)
+    max_kv_handle_bytes: int = setting(8 << 30, "prefill: bytes held under open KV handles before Prefill "
+                                       "answers RESOURCE_EXHAUSTED", min=1, unit="bytes")
+    max_requests_per_peer: int = setting(128, "requests one caller (gRPC peer address) may have in flight "
+                                         "before RESOURCE_EXHAUSTED", min=1)
+    min_load_interval_ms: int = setting(50, "WatchLoad: shortest report interval; a smaller requested one is "
+                                        "raised to this", min=1, max=60_000, unit="ms")
+    max_load_watchers: int = setting(64, "WatchLoad streams open at once before RESOURCE_EXHAUSTED", min=1)
     tls_cert: Path | None = setting(None, "serve TLS with this certificate")
     tls_key: Path | None = setting(None, "private key of --tls-cert")
     tls_client_ca: Path | None = setting(None, "require client certificates from this CA")

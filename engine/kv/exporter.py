@@ -53,8 +53,10 @@ class KvExporter:
 
     def __init__(self, *, transports: Sequence[str] = PREFERENCE, host: str = "",
                  bind_host: str = "0.0.0.0", default_ttl_s: float = 30.0, sweep_interval_s: float = 1.0,
-                 clock: Clock = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
-        self.store = HandleStore(clock=clock, default_ttl_s=default_ttl_s)
+                 clock: Clock = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 max_handles: int = 1024, max_bytes: int = 8 << 30) -> None:
+        self.store = HandleStore(clock=clock, default_ttl_s=default_ttl_s, max_handles=max_handles,
+                                 max_bytes=max_bytes)
         self.servicer = KvSourceServicer(self.store)
         self.host = host or socket.gethostname()
         self._wall = wall_clock
@@ -96,7 +98,10 @@ class KvExporter:
 
     async def offer(self, blob: KvBlob, *, transports: Sequence[str] = (), consumer_host: str = "",
                     ttl_s: float | None = None) -> KvHandle:
-        """Keeps `blob` under a new handle and returns it (the caller fills source_worker_id/endpoint)."""
+        """Keeps `blob` under a new handle and returns it (the caller fills source_worker_id/endpoint).
+
+        Raises engine.kv.handles.StoreFull, keeping nothing, when the store is at its caps.
+        """
         name = self.choose_transport(transports, consumer_host)
         entry = self.store.put(blob, ttl_s, transport=name)
         try:

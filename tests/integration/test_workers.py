@@ -26,7 +26,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     torch_args = ("--engine", "torch", "--model", "tiny")
     sim_args = ("--engine", "sim", "--model", "llama-3-8b", "--gpu-type", "H100-SXM", "--speedup", "1000")
     fleet.start("torch-p", "prefill_svc", *torch_args, "--kv-transports", "grpc,shm,tcp", wait=False)
-    fleet.start("torch-d", "decode_svc", *torch_args, wait=False)
+    # Decode workers accept only the transports they list: tcp must be named to be pulled.
+    fleet.start("torch-d", "decode_svc", *torch_args, "--kv-transports", "grpc,shm,tcp", wait=False)
     fleet.start("sim-p", "prefill_svc", *sim_args, "--kv-handle-ttl", "1", wait=False)
     fleet.start("sim-d", "decode_svc", *sim_args, wait=False)
     try:
@@ -144,7 +145,11 @@ async def test_bad_requests_get_clear_statuses_and_the_worker_stays_healthy(stub
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
             max_tokens=0)), "max_tokens must be 1.."),
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
-            temperature=-1)), "temperature must be >= 0"),
+            temperature=-1)), "temperature must be 0..100"),
+        (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
+            temperature=float("inf"))), "temperature must be 0..100, got inf"),
+        (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
+            top_k=2**32 - 1)), "top_k must be 0..1048576"),
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[1], sampling=common_pb2.SamplingParams(
             top_p=1.5)), "top_p must be in (0, 1]"),
         (worker_pb2.PrefillRequest(model="tiny", prompt_token_ids=[10**6], sampling=ok), "[0] is 1000000"),

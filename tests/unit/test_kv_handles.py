@@ -6,7 +6,7 @@ import pytest
 
 from engine.base import KvBlob, KvLayoutSpec
 from engine.kv.checksum import crc32c
-from engine.kv.handles import HandleStore
+from engine.kv.handles import HandleStore, StoreFull
 from engine.kv.layout import layout_from_proto, layout_to_proto
 
 LAYOUT = KvLayoutSpec("fp", num_layers=4, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
@@ -93,6 +93,44 @@ def test_bad_ttls_are_refused_naming_the_field() -> None:
         HandleStore(default_ttl_s=0)
     with pytest.raises(ValueError, match="ttl_s must be > 0"):
         HandleStore().put(blob(), ttl_s=-1)
+
+
+def test_a_full_store_refuses_by_count_keeps_nothing_and_hints_the_soonest_expiry() -> None:
+    clock = Clock()
+    store = HandleStore(clock=clock, default_ttl_s=10, max_handles=2)
+    first = store.put(blob())
+    clock.now = 4.0
+    store.put(blob())
+
+    with pytest.raises(StoreFull, match=r"2 open KV handles \(limit 2\).*retry after 6.00s") as refused:
+        store.put(blob())
+    assert refused.value.retry_after_s == pytest.approx(6.0)
+    assert len(store) == 2 and store.nbytes == 128 and store.refused_total == 1
+
+    store.release(first.handle_id)  # room again at once
+    store.put(blob())
+    clock.now = 20.0  # both expired: a put frees them first instead of refusing
+    store.put(blob())
+    assert len(store) == 1 and store.nbytes == 64 and store.expired_total == 2
+
+
+def test_a_full_store_refuses_by_bytes_naming_them() -> None:
+    store = HandleStore(clock=Clock(), max_bytes=100)
+    store.put(blob(60))
+    with pytest.raises(StoreFull, match=r"60 bytes under open KV handles, 50 more asked \(limit 100\)"):
+        store.put(blob(50))
+    store.check_room(40)
+    store.put(blob(40))
+    assert store.nbytes == 100
+    with pytest.raises(StoreFull):
+        store.check_room(1)
+    store.close()
+    assert store.nbytes == 0 and len(store) == 0
+
+
+def test_bad_caps_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_handles and max_bytes must be >= 1"):
+        HandleStore(max_handles=0)
 
 
 def test_crc32c_matches_the_standard_check_value_and_continues() -> None:
