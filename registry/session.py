@@ -6,7 +6,10 @@ process wrote under it. When the lease is lost (etcd restarted from scratch
 or wiped, or unreachable for longer than the TTL), it grants a new lease as
 soon as etcd answers and writes every bound key again, so a process never
 needs a restart to rejoin, and nothing is duplicated (keys are rewritten in
-place, claims re-created only where free).
+place, claims re-created only where free). A bound key deleted while the
+lease lives (`etcdctl del`, a wrong cleanup script) is re-created at the next
+keepalive, within TTL/3: each keepalive asks etcd which keys the lease holds
+(one TimeToLive call) and re-creates the missing ones where still free.
 
 Contract:
 - `start()` is called once; it does not wait for etcd (a service must come up
@@ -163,6 +166,7 @@ class LeaseSession:
                         continue
                     self._alive.set()
                     await self._flush_dirty()
+                    await self._heal()
                 self._end_outage()
                 delay = interval
             except EtcdUnavailable as exc:
@@ -223,6 +227,33 @@ class LeaseSession:
                 if key in self._bound:
                     await self.client.put(key, self._bound[key], lease=self.lease_id)
                 self._dirty.discard(key)
+
+    async def _heal(self) -> None:
+        """Re-creates bound keys and claims that vanished while the lease lived, where still free."""
+        if not self._bound and not self._claims:
+            return
+        _, remaining, keys = await self.client.lease_info(self.lease_id)
+        if remaining <= 0:
+            return  # the next keepalive sees the lease gone and re-grants
+        held = set(keys)
+        async with self._lock:
+            lease_id = self.lease_id
+            missing = [(k, v) for k, v in {**self._bound, **self._claims}.items()
+                       if k not in held and k not in self._dirty]
+            lost = {}
+            for key, value in missing:
+                # Create only where absent: a put() since the read above, or another holder, is left alone.
+                conflicts = await self.client.create_all([(key, value)], lease=lease_id)
+                if not conflicts:
+                    log.warning("registry key was deleted while its lease lived; restored it",
+                                extra={"key": key, "lease": f"{lease_id:x}"})
+                elif key in self._claims and conflicts[key].lease != lease_id:
+                    lost[key] = conflicts[key]
+                    self._claims.pop(key, None)
+        if lost:
+            log.error("claims deleted and taken by others", extra={"keys": ",".join(sorted(lost))})
+            if self._on_claim_lost is not None:
+                self._on_claim_lost(lost)
 
     def _note_outage(self, exc: Exception) -> None:
         now = time.monotonic()

@@ -35,6 +35,11 @@ from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb
 
 log = logging.getLogger(__name__)
 
+# Prompts longer than this (characters of text or chat content) are tokenized on a worker thread,
+# so one client's long prompt does not stall every other stream on the event loop. Shorter ones
+# are cheaper to encode inline than to hand over.
+INLINE_TOKENIZE_CHARS = 16 * 1024
+
 
 def render_chat(model: str, tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
     """Prompt ids of a chat, through the model's own template; RequestError when it cannot be rendered."""
@@ -47,6 +52,25 @@ def render_chat(model: str, tokenizer: Tokenizer, messages: Sequence[ChatMessage
         return tokenizer.encode_rendered_chat(template.render(messages))
     except InvalidRequest as exc:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
+async def _prompt_ids(valid: ValidRequest, tokenizer: Tokenizer) -> Sequence[int]:
+    """The prompt as token ids; a long one is tokenized off the event loop (the tokenizers release the GIL).
+
+    validate_generate has already refused text too long for the context, so
+    the work here is bounded by the context size.
+    """
+    if valid.prompt_token_ids is not None:
+        return valid.prompt_token_ids
+    if valid.messages is not None:
+        messages = valid.messages
+        if sum(len(m.content) for m in messages) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(render_chat, valid.model.name, tokenizer, messages)
+        return render_chat(valid.model.name, tokenizer, messages)
+    text = valid.prompt or ""
+    if len(text) > INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(tokenizer.encode, text)
+    return tokenizer.encode(text)
 
 
 def _piece(job: Job, detok: Detokenizer, token_ids: list[int]) -> tuple[inference_pb2.GenerateResponse, bool]:
@@ -66,8 +90,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _specs(self) -> dict[str, registry_pb2.ModelSpec]:
         return {name: entry.record for name, entry in self.view.registry.entries(Kind.MODEL).items()}
 
-    def _prepare(self, request: inference_pb2.GenerateRequest,
-                 context: grpc.aio.ServicerContext) -> tuple[ValidRequest, Job, Detokenizer]:
+    async def _prepare(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> tuple[ValidRequest, Job, Detokenizer]:
         fleet = self.view.fleet()
         specs = self._specs()
         limits = self.catalog.limits(fleet, specs)
@@ -80,12 +104,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if valid.model.vocab_size == 0:
             # The tokenizer just loaded: validate again so token ids are range-checked.
             valid = validate_generate(request, self.catalog.limits(fleet, specs))
-        if valid.prompt_token_ids is not None:
-            ids = valid.prompt_token_ids
-        elif valid.messages is not None:
-            ids = tuple(render_chat(valid.model.name, tokenizer, valid.messages))
-        else:
-            ids = tuple(tokenizer.encode(valid.prompt or ""))
+        ids = await _prompt_ids(valid, tokenizer)
         valid = check_prompt(valid, ids)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -108,7 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         started = time.monotonic()
         status = "OK"
         try:
-            _, job, detok = self._prepare(request, context)
+            _, job, detok = await self._prepare(request, context)
         except RequestError as exc:
             self.metrics.requests.labels(model="", status=exc.code.name).inc()
             await context.abort(exc.code, cap(exc.message))

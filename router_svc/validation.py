@@ -6,6 +6,12 @@ tokenizing, which the servicer does in between:
     valid = validate_generate(request, models)      # before tokenizing
     valid = check_prompt(valid, token_ids)          # after tokenizing (or as given)
 
+`validate_generate` also bounds the prompt's size before anything costs
+time in proportion to it: token ids beyond the context, and text (or chat
+content) longer than `ModelLimits.max_prompt_bytes`, are rejected before
+any per-id work or tokenizing (a 63 MB prompt otherwise took 10 s and
+1.2 GiB to refuse).
+
 Both raise `RequestError(code, message)`; the servicer answers
 `context.abort(err.code, err.message)`. Messages name the field and its
 allowed range ("max_tokens must be 1..8192, got 0"). Only grpc's StatusCode
@@ -30,6 +36,11 @@ from tandem.v1 import inference_pb2
 MAX_REQUEST_ID_CHARS = 128
 # Chat turns in one request; a longer history is better sent as a rendered prompt.
 MAX_CHAT_MESSAGES = 1024
+# A generous bound on the UTF-8 bytes one token of any vocabulary stands for. Text of N bytes
+# has at least N / MAX_BYTES_PER_TOKEN tokens, so text longer than context x this bound cannot
+# fit and is refused without tokenizing it. Real BPE vocabularies stay well below it (their
+# longest tokens are runs of spaces or dashes of a few dozen bytes); a byte tokenizer has 1.
+MAX_BYTES_PER_TOKEN = 128
 
 
 class RequestError(Exception):
@@ -56,6 +67,11 @@ class ModelLimits:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     # 0: unknown (token ids are then not range-checked).
     vocab_size: int = 0
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """Text (or total chat content) longer than this, in UTF-8 bytes, has more tokens than the context."""
+        return self.max_context_tokens * MAX_BYTES_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -106,13 +122,16 @@ def validate_generate(
     if limits is None:
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {clip(request.model)}; {_known(models)}")
 
-    has_text, has_ids, has_chat = bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)
+    # Read once: each read of a string field copies it (30 ms for 30 MB).
+    prompt = request.prompt
+    has_text, has_ids, has_chat = bool(prompt), bool(request.prompt_token_ids), bool(request.messages)
     if has_text + has_ids + has_chat > 1:
         raise _invalid("set exactly one of prompt, prompt_token_ids and messages")
     if not (has_text or has_ids or has_chat):
         raise _invalid("prompt is empty")
     if len(request.messages) > MAX_CHAT_MESSAGES:
         raise _invalid(f"messages takes at most {MAX_CHAT_MESSAGES} turns, got {len(request.messages)}")
+    _check_size(prompt, request, limits)
     token_ids = tuple(request.prompt_token_ids) if has_ids else None
     if token_ids is not None:
         try:
@@ -132,12 +151,39 @@ def validate_generate(
     return ValidRequest(
         request_id=request_id,
         model=limits,
-        prompt=request.prompt if has_text else None,
+        prompt=prompt if has_text else None,
         prompt_token_ids=token_ids,
         messages=tuple(ChatMessage(m.role, m.content) for m in request.messages) if has_chat else None,
         sampling=sampling,
         max_tokens_explicit=explicit,
     )
+
+
+def _check_size(prompt: str, request: inference_pb2.GenerateRequest, limits: ModelLimits) -> None:
+    """INVALID_ARGUMENT for a prompt that cannot fit the context, before any per-id or per-token work."""
+    context = limits.max_context_tokens
+    if not context:
+        return
+    ids = len(request.prompt_token_ids)  # a repeated field knows its length
+    if ids > context:
+        raise _invalid(f"prompt_token_ids has {ids} ids; model {limits.name!r} takes at most {context} tokens")
+    # A str of N characters is N..4N bytes of UTF-8: only text near the bound is encoded to count its bytes.
+    if prompt:
+        texts, what = [prompt], "prompt"
+    else:
+        texts, what = [m.content for m in request.messages], "messages' content"
+    chars = sum(len(text) for text in texts)
+    if chars * 4 <= limits.max_prompt_bytes:
+        return
+    if chars > limits.max_prompt_bytes:
+        size = f"{chars} characters"
+    else:
+        nbytes = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        if nbytes <= limits.max_prompt_bytes:
+            return
+        size = f"{nbytes} bytes"
+    raise _invalid(f"{what} is {size}; model {limits.name!r} takes at most {context} tokens, "
+                   f"which is at most {limits.max_prompt_bytes} bytes of text ({MAX_BYTES_PER_TOKEN} bytes per token)")
 
 
 def check_prompt(valid: ValidRequest, token_ids: Sequence[int]) -> ValidRequest:

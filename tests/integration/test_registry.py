@@ -84,6 +84,38 @@ async def test_double_gpu_claim_is_refused_naming_the_holder(client: EtcdClient)
         await second.close()
 
 
+async def test_deleted_keys_heal_within_a_keepalive_under_the_same_lease(client: EtcdClient) -> None:
+    lost: list[str] = []
+    session = LeaseSession(client, ttl=3, name="w1", on_claim_lost=lambda held: lost.extend(held))
+    session.start()
+    other = await new_session(client, "other", ttl=3)
+    registry = Registry(client, KEYS)
+    try:
+        assert await session.wait_alive(10)
+        await registry.register_worker(session, worker("w1"))
+        await registry.claim_gpus(session, "w1", common_pb2.ROLE_PREFILL, "n", ["GPU-H1", "GPU-H2"])
+        lease = session.lease_id
+        worker_key, claim_key, taken_key = KEYS.worker("w1"), KEYS.gpu_claim("GPU-H1"), KEYS.gpu_claim("GPU-H2")
+        assert await client.delete(worker_key) and await client.delete(claim_key) and await client.delete(taken_key)
+        # Someone claims GPU-H2 in the gap: it is theirs now, and the session reports it lost.
+        await registry.claim_gpus(other, "w2", common_pb2.ROLE_DECODE, "n", ["GPU-H2"])
+
+        async def healed() -> bool:
+            found = [await client.get(k) for k in (worker_key, claim_key)]
+            return all(kv is not None and kv.lease == lease for kv in found)
+
+        took = await wait_until(healed, 10)
+        assert session.lease_id == lease and session.regrants == 0
+        holder = await registry.get(Kind.GPU_CLAIM, "GPU-H2")
+        assert holder is not None and holder.record.worker_id == "w2"
+        await wait_until(lambda: lost == [taken_key], 10)
+        logging.getLogger(__name__).info("deleted keys healed in %.2f s", took)
+    finally:
+        await session.close()
+        await other.close()
+    assert await client.get(worker_key) is None and await client.get(claim_key) is None
+
+
 async def test_claim_frees_when_its_holder_is_killed(etcd: EtcdServer, client: EtcdClient, processes) -> None:  # type: ignore[no-untyped-def]
     holder = processes.start("holder", "tests.support.lease_holder", "--etcd", etcd.endpoint,
                              "--worker-id", "victim", "--gpus", "GPU-9", "--ttl", "2")

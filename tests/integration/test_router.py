@@ -118,7 +118,7 @@ async def test_bad_input_gets_the_right_status_and_the_router_stays_healthy(fact
             (inference_pb2.GenerateRequest(model="llama-3-8b", prompt="x", sampling=sampling(max_tokens=513)),
              grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be 1..512, got 513"),
             (inference_pb2.GenerateRequest(model="llama-3-8b", prompt="x", sampling=sampling(temperature=-0.5)),
-             grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0"),
+             grpc.StatusCode.INVALID_ARGUMENT, "temperature must be 0..100"),
             (inference_pb2.GenerateRequest(model="llama-3-8b", prompt="x", sampling=sampling(top_p=0)),
              grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
             (inference_pb2.GenerateRequest(model="llama-3-8b", prompt="x", sampling=sampling(top_p=1.5)),

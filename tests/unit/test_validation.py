@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from router_svc.validation import (
+    MAX_BYTES_PER_TOKEN,
     MAX_CHAT_MESSAGES,
     ModelLimits,
     RequestError,
@@ -70,8 +71,12 @@ def test_default_max_tokens_is_capped_by_the_models_output_limit() -> None:
         ({"max_tokens": 9000}, "max_tokens must be 1..8192, got 9000"),
         ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
         ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
-        ({"temperature": -0.5}, "temperature must be >= 0, got -0.5"),
-        ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+        ({"temperature": -0.5}, "temperature must be 0..100, got -0.5"),
+        ({"temperature": float("nan")}, "temperature must be 0..100, got nan"),
+        ({"temperature": float("inf")}, "temperature must be 0..100, got inf"),
+        ({"temperature": 101.0}, "temperature must be 0..100, got 101.0"),
+        ({"top_k": 2**32 - 1}, "top_k must be 0..1048576 (0: off), got 4294967295"),
+        ({"top_k": 2**20 + 1}, "top_k must be 0..1048576 (0: off), got 1048577"),
         ({"stop": ["ok", ""]}, "stop strings must not be empty"),
         ({"stop": ["x"] * 17}, "stop takes at most 16 strings, got 17"),
         ({"stop": ["x" * 300]}, "stop[0] must be 1..256 characters, got 300"),
@@ -188,3 +193,33 @@ def test_router_and_workers_share_one_prompt_rule(ids: list[int]) -> None:
     with pytest.raises(sampling.InvalidRequest) as worker:
         sampling.check_prompt(ids, vocab_size=32000, max_context_tokens=8192, max_tokens=300, model="llama")
     assert router.value.message == str(worker.value)
+
+
+def test_token_ids_beyond_the_context_are_refused_before_any_per_id_work() -> None:
+    # 600 ids > tiny's 512; an id far outside any vocabulary shows no per-id check ran first.
+    err = error_of(inference_pb2.GenerateRequest(model="tiny", prompt_token_ids=[10**9] * 600))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_token_ids has 600 ids" in err.message and "at most 512 tokens" in err.message
+    # At the limit, the ids pass this check (the context check after tokenizing is check_prompt's).
+    assert validate_generate(inference_pb2.GenerateRequest(model="tiny", prompt_token_ids=[1] * 512), MODELS)
+
+
+def test_text_longer_than_the_context_can_hold_is_refused_before_tokenizing() -> None:
+    limit = MODELS["tiny"].max_prompt_bytes
+    assert limit == 512 * MAX_BYTES_PER_TOKEN
+    assert validate_generate(gen("tiny", "a" * limit), MODELS).prompt == "a" * limit
+    err = error_of(gen("tiny", "a" * (limit + 1)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"prompt is {limit + 1} characters" in err.message and "at most 512 tokens" in err.message
+    # Bytes, not characters: a 4-byte character counts 4.
+    err = error_of(gen("tiny", "\U0001F600" * (limit // 4 + 1)))
+    assert f"prompt is {4 * (limit // 4 + 1)} bytes" in err.message
+
+
+def test_chat_content_is_bounded_in_total() -> None:
+    limit = MODELS["tiny"].max_prompt_bytes
+    half = inference_pb2.ChatMessage(role="user", content="a" * (limit // 2))
+    assert validate_generate(inference_pb2.GenerateRequest(model="tiny", messages=[half, half]), MODELS)
+    err = error_of(inference_pb2.GenerateRequest(model="tiny", messages=[half, half, half]))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages' content is" in err.message and "at most 512 tokens" in err.message
