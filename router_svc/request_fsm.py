@@ -66,6 +66,8 @@ from router_svc.request_events import (
 
 # How long one wait for a view change lasts before the policy is asked again.
 _VIEW_POLL_S = 0.05
+# Retry hint when workers refused a request as full and the policy gave none (seconds).
+FULL_RETRY_S = 1.0
 # The shortest timeout handed to a worker call, so that a deadline about to pass is not sent as 0 (no deadline).
 _MIN_TIMEOUT_S = 0.001
 
@@ -98,6 +100,9 @@ class RequestLife:
         # Exactly the tokens emitted so far: every new decode continues after them.
         self.generated: list[int] = []
         self.exclude: set[str] = set()
+        # Workers that refused this request as full (RESOURCE_EXHAUSTED): if no other can take it, the
+        # answer is "full, retry", not "no worker".
+        self._refused_full = 0
         self._arrived = now
         self._queued = False
         self._wait_until = now
@@ -177,6 +182,10 @@ class RequestLife:
         if event.now >= self._wait_until:
             if event.no_capacity:
                 return self._fail(Code.RESOURCE_EXHAUSTED, event.message, event.retry_after_s)
+            if self._refused_full:
+                return self._fail(Code.RESOURCE_EXHAUSTED,
+                                  f"{event.message}; {self._refused_full} worker(s) refused this request as full",
+                                  event.retry_after_s or FULL_RETRY_S)
             return self._fail(Code.UNAVAILABLE, event.message)
         return [self._choose(wait_s=min(_VIEW_POLL_S, max(_MIN_TIMEOUT_S, self._wait_until - event.now)))]
 
@@ -277,6 +286,8 @@ class RequestLife:
         if code in CLIENT_ERRORS:
             return self._fail(code, message or code.name)
         self.exclude.add(worker_id)
+        if code is Code.RESOURCE_EXHAUSTED:
+            self._refused_full += 1
         actions: list[Action] = []
         if code in WORKER_DOWN:
             actions.append(Suspect(worker_id, forget_load=True))

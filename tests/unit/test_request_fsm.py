@@ -427,6 +427,18 @@ def test_no_worker_answers_unavailable_without_a_hint() -> None:
     ])
 
 
+def test_workers_that_refused_as_full_make_the_answer_resource_exhausted_not_unavailable() -> None:
+    life = new_life(capacity_wait_s=5.0)
+    finished(life, [
+        (START, [choose()]),
+        (Chosen(0.0, D0, None), [decode(D0)]),
+        (DecodeFailed(0.1, Code.RESOURCE_EXHAUSTED), [choose(frozenset({"d0"}))]),
+        (NoRoute(5.1, "no routable decode worker serves m"),
+         [Fail(Code.RESOURCE_EXHAUSTED, "no routable decode worker serves m; 1 worker(s) refused this request as full",
+               1.0)]),
+    ])
+
+
 def test_a_capacity_becoming_free_during_the_wait_is_taken() -> None:
     life = new_life()
     finished(life, [
