@@ -144,15 +144,7 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
     port = await service.start(serving=False)
     endpoint = advertised_endpoint(settings.listen, port, settings.advertise_host)
     await role.started(endpoint)
-    record = registry_pb2.WorkerRecord(
-        worker_id=worker_id, role=role.role, model=settings.served_model_name or settings.model,
-        endpoint=endpoint, node=node, gpu_uuids=settings.gpu_uuid_list(), gpu_type=settings.gpu_type,
-        gpu_count=settings.gpu_count, engine=settings.engine, state=registry_pb2.WORKER_STATE_STARTING,
-        versions=registry_pb2.VersionInfo(tandem=tandem_version, api="tandem.v1"),
-        simulated=settings.engine == "sim", kv_transports=settings.transports(),
-        metrics_endpoint=f"{host}:{metrics.port}" if metrics else "",
-        started_at_unix_ms=int(time.time() * 1000), host=host,
-    )
+    record = _starting_record(settings, role, worker_id, node, endpoint, host, metrics)
 
     async def on_drain(wanted: bool) -> None:
         if wanted:
@@ -190,11 +182,7 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
         except EngineError as exc:
             log.error("engine failed to start: %s", exc)
             return EXIT_ENGINE_FAILED
-        stats = engine.stats()
-        record.capacity.CopyFrom(registry_pb2.WorkerCapacity(
-            kv_blocks_total=stats.kv_blocks_total, kv_block_size_tokens=stats.kv_block_size,
-            max_batch_size=stats.max_batch_size, max_context_tokens=engine.max_context_tokens))
-        record.model_shape.CopyFrom(model_shape_to_pb(engine.model_shape))
+        _describe_engine(record, engine)
         if not admission.draining:
             await registration.set_state(registry_pb2.WORKER_STATE_READY)
             await service.set_serving(True)
@@ -209,6 +197,29 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
         if metrics is not None:
             metrics.close()
     return status
+
+
+def _starting_record(settings: WorkerSettings, role: WorkerRole, worker_id: str, node: str, endpoint: str,
+                     host: str, metrics: MetricsEndpoint | None) -> registry_pb2.WorkerRecord:
+    """The record a worker registers before its GPUs are claimed and its model is loaded (STARTING)."""
+    return registry_pb2.WorkerRecord(
+        worker_id=worker_id, role=role.role, model=settings.served_model_name or settings.model,
+        endpoint=endpoint, node=node, gpu_uuids=settings.gpu_uuid_list(), gpu_type=settings.gpu_type,
+        gpu_count=settings.gpu_count, engine=settings.engine, state=registry_pb2.WORKER_STATE_STARTING,
+        versions=registry_pb2.VersionInfo(tandem=tandem_version, api="tandem.v1"),
+        simulated=settings.engine == "sim", kv_transports=settings.transports(),
+        metrics_endpoint=f"{host}:{metrics.port}" if metrics else "",
+        started_at_unix_ms=int(time.time() * 1000), host=host,
+    )
+
+
+def _describe_engine(record: registry_pb2.WorkerRecord, engine: Engine) -> None:
+    """Adds what only the loaded engine knows: its capacity and its model's shape (the router prices with it)."""
+    stats = engine.stats()
+    record.capacity.CopyFrom(registry_pb2.WorkerCapacity(
+        kv_blocks_total=stats.kv_blocks_total, kv_block_size_tokens=stats.kv_block_size,
+        max_batch_size=stats.max_batch_size, max_context_tokens=engine.max_context_tokens))
+    record.model_shape.CopyFrom(model_shape_to_pb(engine.model_shape))
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        reason = "promtool not installed (apt-get install prometheus; .ci/run installs it)"
+        reason = ("promtool not installed: this test runs in CI (.ci/run installs Debian's prometheus package) "
+                  "and wherever promtool is on PATH (apt-get install prometheus)")
         if os.environ.get("CI", "").lower() in ("true", "1"):
             pytest.fail(f"{reason}: CI must run the linter, not skip it")
         pytest.skip(reason)
