@@ -47,7 +47,14 @@ class ScriptedInference(inference_pb2_grpc.InferenceServicer):
         self.requests.append(request)
         self.time_remaining.append(context.time_remaining())
         self.metadata.append({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        # Where the cancellation lands (in the hang, or while grpc is still
+        # writing the previous chunk) is a race; the call's end is not.
+        context.add_done_callback(self._note_end)
         return self.script.pop(0) if self.script else "ok"
+
+    def _note_end(self, context: grpc.aio.ServicerContext) -> None:
+        if context.cancelled():
+            self.cancelled.set()
 
     async def _fail(self, behaviour: str, context: grpc.aio.ServicerContext) -> None:
         if behaviour == "unavailable":
