@@ -13,12 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support.testbed import Testbed
-
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / "protos"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+# The repository root must be on sys.path first: tests/ is not part of the wheel.
+from tests.support.testbed import Testbed  # noqa: E402
 
 SIM_8B = ("--engine", "sim", "--model", "llama-3-8b", "--gpu-type", "H100-SXM")
 

@@ -7,8 +7,8 @@ eligible workers. They exist to compare the expected-time policy against.
 
 from __future__ import annotations
 
+import bisect
 import random
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from router_svc.candidates import Candidate
@@ -52,7 +52,12 @@ class LeastLoadedPolicy(Policy):
 
 
 class RoundRobinPolicy(Policy):
-    """Each model's eligible workers in worker_id order, in turn. Deterministic; not for concurrent use."""
+    """Each model's eligible workers in turn, in worker_id order. Deterministic; not for concurrent use.
+
+    The turn is the last worker picked per (model, role): the next decision
+    visits the workers after it on the worker_id ring, so a worker that joins
+    or leaves does not reshuffle the order.
+    """
 
     name = "round-robin"
 
@@ -64,22 +69,29 @@ class RoundRobinPolicy(Policy):
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(cost=cost, config=config, rng=rng)
-        self.turns: Counter[tuple[str, str]] = Counter()
+        self.last: dict[tuple[str, str], str] = {}
 
-    def _next(self, pool: Sequence[Candidate], key: tuple[str, str]) -> Candidate:
-        turn = self.turns[key]
-        self.turns[key] = turn + 1
-        return pool[turn % len(pool)]
+    def visit_order(self, members: Sequence[Candidate], role: str, request: RouteRequest,
+                    limit: int | None) -> Sequence[Candidate]:
+        start = bisect.bisect_right(members, self.last.get((request.model, role), ""), key=lambda c: c.worker_id)
+        count = len(members) if limit is None else min(limit, len(members))
+        end = start + count
+        return [*members[start:end], *members[:max(0, end - len(members))]]
+
+    def _take(self, pool: Sequence[Candidate], request: RouteRequest, role: str) -> Candidate:
+        chosen = pool[0]
+        self.last[(request.model, role)] = chosen.worker_id
+        return chosen
 
     def pick_decode(
         self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
     ) -> Candidate:
-        return self._next(pool, (request.model, "decode"))
+        return self._take(pool, request, "decode")
 
     def pick_prefill(
         self, pool: Sequence[Candidate], decode: Candidate, request: RouteRequest, shape: ModelShape, now: float
     ) -> Candidate:
-        return self._next(pool, (request.model, "prefill"))
+        return self._take(pool, request, "prefill")
 
 
 class RandomPolicy(Policy):

@@ -14,7 +14,10 @@ with the control plane's Admin API.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import enum
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -146,6 +149,13 @@ class Candidate:
     def routable(self) -> bool:
         return not self.unroutable
 
+    def with_load(self, load: Load | None) -> Candidate:
+        """This candidate with another load (routability kept). `dataclasses.replace` costs twice as much, and
+        the policy calls this for every worker it visits that has work in flight."""
+        return Candidate(self.worker_id, self.role, self.model, self.endpoint, self.node, self.host, self.gpu_type,
+                         self.gpu_count, self.kv_blocks_total, self.kv_block_size, self.max_batch_size,
+                         self.max_context_tokens, self.kv_transports, self.shape, load, self.unroutable)
+
     def load_age(self, now: float) -> float | None:
         """Seconds since the latest load report arrived; None before the first one."""
         return None if self.load is None else max(0.0, now - self.load.received_at)
@@ -209,18 +219,138 @@ def make_candidate(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ModelPool:
+    """One model's workers, indexed for decisions that touch only a few of them. Immutable.
+
+    Built once per change of the model's workers (the router's live view
+    rebuilds only the models a change touched), so a decision never walks
+    every worker: it samples `decoders` and `prefillers`, finds a worker by id
+    in `by_id`, and reads the published `shape`.
+    """
+
+    # Every worker of the model, sorted by worker_id.
+    candidates: tuple[Candidate, ...] = ()
+    # The routable ones that decode, and those that prefill for others, sorted by worker_id.
+    decoders: tuple[Candidate, ...] = ()
+    prefillers: tuple[Candidate, ...] = ()
+    by_id: Mapping[str, Candidate] = field(default_factory=dict)
+    # The shape most routable workers publish (they differ only mid-rollout); None: none published.
+    shape: ModelShape | None = None
+    # Workers of each kind, routable or not (for error messages).
+    decoders_seen: int = 0
+    prefillers_seen: int = 0
+
+    @classmethod
+    def of(cls, candidates: Iterable[Candidate]) -> ModelPool:
+        """The pool of `candidates` (one model's; any order, unique worker ids)."""
+        ordered = tuple(sorted(candidates, key=_worker_id))
+        decoders = tuple(c for c in ordered if c.routable and c.role.decodes)
+        prefillers = tuple(c for c in ordered if c.routable and c.role.prefills_for_others)
+        shapes = Counter(c.shape for c in ordered if c.routable and c.shape is not None)
+        common = shapes.most_common(1)
+        return cls(
+            candidates=ordered, decoders=decoders, prefillers=prefillers,
+            by_id={c.worker_id: c for c in ordered}, shape=common[0][0] if common else None,
+            decoders_seen=sum(c.role.decodes for c in ordered),
+            prefillers_seen=sum(c.role.prefills_for_others for c in ordered),
+        )
+
+
+_EMPTY_POOL = ModelPool()
+
+
+class ModelPoolBuilder:
+    """Keeps one model's ModelPool current as its workers change; not thread-safe.
+
+    A load report changes a worker's figures, not its place: `put` of a
+    worker whose role, routability and shape are unchanged is replayed into
+    copies of the last pool's sequences at its sorted position (O(log n) per
+    worker, plus C-speed copies once per `build`). Anything else (a worker
+    joins, leaves, becomes routable or not) rebuilds the pool once at the
+    next `build`.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, Candidate] = {}
+        self._pool = _EMPTY_POOL
+        self._replaced: dict[str, Candidate] = {}
+        self._rebuild = False
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def put(self, candidate: Candidate) -> None:
+        old = self._members.get(candidate.worker_id)
+        self._members[candidate.worker_id] = candidate
+        if (old is not None and not self._rebuild and old.routable == candidate.routable
+                and old.role is candidate.role and old.shape == candidate.shape):
+            self._replaced[candidate.worker_id] = candidate
+        else:
+            self._rebuild = True
+
+    def remove(self, worker_id: str) -> None:
+        if self._members.pop(worker_id, None) is not None:
+            self._rebuild = True
+
+    def build(self) -> ModelPool:
+        """The pool as of now (the same object when nothing changed)."""
+        if self._rebuild:
+            self._pool = ModelPool.of(self._members.values())
+        elif self._replaced:
+            self._pool = _with_replaced(self._pool, self._replaced.values())
+        self._rebuild = False
+        self._replaced.clear()
+        return self._pool
+
+
+def _with_replaced(pool: ModelPool, replacements: Iterable[Candidate]) -> ModelPool:
+    """`pool` with candidates swapped for same-id ones of the same role and routability."""
+    candidates, decoders, prefillers = list(pool.candidates), list(pool.decoders), list(pool.prefillers)
+    by_id = dict(pool.by_id)
+    for c in replacements:
+        by_id[c.worker_id] = c
+        _swap(candidates, c)
+        if c.routable and c.role.decodes:
+            _swap(decoders, c)
+        if c.routable and c.role.prefills_for_others:
+            _swap(prefillers, c)
+    return dataclasses.replace(pool, candidates=tuple(candidates), decoders=tuple(decoders),
+                               prefillers=tuple(prefillers), by_id=by_id)
+
+
+def _swap(ordered: list[Candidate], c: Candidate) -> None:
+    i = bisect.bisect_left(ordered, c.worker_id, key=_worker_id)
+    if i == len(ordered) or ordered[i].worker_id != c.worker_id:
+        raise KeyError(f"{c.worker_id} is not in the pool")
+    ordered[i] = c
+
+
+def _worker_id(c: Candidate) -> str:
+    return c.worker_id
+
+
 @dataclass(frozen=True)
 class FleetView:
     """Every known worker, grouped by model, at one moment. Immutable; share freely.
 
     Candidates of a model are kept sorted by worker_id, so policies that walk
     them in order (round-robin) behave the same whatever order the watch
-    delivered the records in.
+    delivered the records in. Give either `by_model` (pools are built from
+    it) or `pools` (prebuilt, as the router's live view does; `by_model`
+    then follows from them).
     """
 
     by_model: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)
     # Registry revision the view reflects (0: unknown); for logs and tests.
     revision: int = 0
+    pools: Mapping[str, ModelPool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pools and not self.by_model:
+            object.__setattr__(self, "by_model", {m: p.candidates for m, p in self.pools.items()})
+        elif self.by_model and not self.pools:
+            object.__setattr__(self, "pools", {m: ModelPool.of(cs) for m, cs in self.by_model.items()})
 
     @classmethod
     def of(cls, candidates: Iterable[Candidate], revision: int = 0) -> FleetView:
@@ -231,30 +361,31 @@ class FleetView:
         grouped: dict[str, list[Candidate]] = {}
         for c in unique.values():
             grouped.setdefault(c.model, []).append(c)
-        return cls(
-            by_model={m: tuple(sorted(cs, key=lambda c: c.worker_id)) for m, cs in grouped.items()},
-            revision=revision,
-        )
+        return cls(pools={m: ModelPool.of(cs) for m, cs in grouped.items()}, revision=revision)
+
+    def pool(self, model: str) -> ModelPool:
+        """The model's pool (empty when no worker serves it)."""
+        return self.pools.get(model, _EMPTY_POOL)
 
     def candidates(self, model: str) -> tuple[Candidate, ...]:
-        return self.by_model.get(model, ())
+        return self.pool(model).candidates
 
     def models(self) -> list[str]:
-        return sorted(self.by_model)
+        return sorted(self.pools)
 
     def __iter__(self) -> Iterator[Candidate]:
-        for cs in self.by_model.values():
-            yield from cs
+        for pool in self.pools.values():
+            yield from pool.candidates
 
     def get(self, worker_id: str) -> Candidate | None:
-        """The candidate with this id, or None. O(workers): for tools and tests, not the hot path."""
-        return next((c for c in self if c.worker_id == worker_id), None)
+        """The candidate with this id, or None. O(models)."""
+        for pool in self.pools.values():
+            found = pool.by_id.get(worker_id)
+            if found is not None:
+                return found
+        return None
 
     def routable_counts(self, model: str) -> tuple[int, int]:
         """(prefill, decode) workers routable now for `model`, as ListModels reports them."""
-        prefill = decode = 0
-        for c in self.candidates(model):
-            if c.routable:
-                prefill += c.role.prefills_for_others
-                decode += c.role.decodes
-        return prefill, decode
+        pool = self.pool(model)
+        return len(pool.prefillers), len(pool.decoders)

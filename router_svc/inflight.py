@@ -19,7 +19,6 @@ Not thread-safe: the router's one policy object calls it from its event loop.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -49,11 +48,16 @@ class InflightLedger:
         self.reflect_s = reflect_s
         self.hold_s = hold_s
         self._pending: dict[str, list[Assignment]] = {}
+        # The last `apply` per worker: (the candidate given, the one returned). A
+        # burst of decisions over one view applies the same pending work to the
+        # same candidates again and again; this answers those in O(1).
+        self._applied: dict[str, tuple[Candidate, Candidate]] = {}
         self._swept_at = -math.inf
 
     def add(self, worker_id: str, assignment: Assignment) -> None:
         if self.hold_s > 0:
             self._pending.setdefault(worker_id, []).append(assignment)
+            self._applied.pop(worker_id, None)
 
     def pending(self, c: Candidate, now: float) -> list[Assignment]:
         """The candidate's assignments its latest report cannot show yet (forgets the others)."""
@@ -63,6 +67,8 @@ class InflightLedger:
             return []
         seen_at = c.load.received_at if c.load is not None else -math.inf
         left = [a for a in held if seen_at < a.starts_at + self.reflect_s and now < a.starts_at + self.hold_s]
+        if len(left) != len(held):
+            self._applied.pop(c.worker_id, None)
         if left:
             self._pending[c.worker_id] = left
         else:
@@ -74,17 +80,27 @@ class InflightLedger:
         pending = self.pending(c, now)
         if not pending:
             return c
+        cached = self._applied.get(c.worker_id)
+        if cached is not None and cached[0] is c:
+            return cached[1]
         # No report yet: the figures are ours alone, and as old as can be (the stale penalty still applies).
         load = c.load if c.load is not None else Load(received_at=-math.inf)
         block = c.block_size
         blocks = sum(-(-a.kv_tokens // block) for a in pending) if block > 0 else 0
-        return dataclasses.replace(c, load=dataclasses.replace(
-            load,
-            queued_prefill_tokens=load.queued_prefill_tokens + sum(a.queued_tokens for a in pending),
+        queued = sequences = 0
+        for a in pending:
+            queued += a.queued_tokens
+            sequences += a.sequences
+        applied = c.with_load(Load(
+            queued_prefill_tokens=load.queued_prefill_tokens + queued,
             active_requests=load.active_requests + len(pending),
-            active_sequences=load.active_sequences + sum(a.sequences for a in pending),
+            active_sequences=load.active_sequences + sequences,
             kv_blocks_used=load.kv_blocks_used + blocks,
-        ))
+            kv_blocks_total=load.kv_blocks_total, kv_block_size=load.kv_block_size,
+            max_batch_size=load.max_batch_size, draining=load.draining,
+            prefix_cache_hit_rate=load.prefix_cache_hit_rate, received_at=load.received_at))
+        self._applied[c.worker_id] = (c, applied)
+        return applied
 
     def __len__(self) -> int:
         return sum(len(held) for held in self._pending.values())
@@ -95,7 +111,10 @@ class InflightLedger:
             return
         self._swept_at = now
         for worker_id in list(self._pending):
-            left = [a for a in self._pending[worker_id] if now < a.starts_at + self.hold_s]
+            held = self._pending[worker_id]
+            left = [a for a in held if now < a.starts_at + self.hold_s]
+            if len(left) != len(held):
+                self._applied.pop(worker_id, None)
             if left:
                 self._pending[worker_id] = left
             else:

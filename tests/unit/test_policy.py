@@ -358,7 +358,7 @@ def test_unknown_gpu_type_is_treated_as_a_modest_gpu() -> None:
     assert decision.estimates.inter_token_s > 0
 
 
-def test_a_thousand_candidates_pick_the_cost_model_minimum() -> None:
+def _thousand_workers() -> list[Candidate]:
     rng = random.Random(1)
     gpus = ["H100-SXM", "H200", "A100-80GB", "L40S", "L4", "B200"]
     candidates = []
@@ -366,10 +366,14 @@ def test_a_thousand_candidates_pick_the_cost_model_minimum() -> None:
         candidates.append(worker(f"p{i:04}", Role.PREFILL, rng.choice(gpus), queued=rng.randrange(0, 60_000)))
         candidates.append(worker(f"d{i:04}", Role.DECODE, rng.choice(gpus), active=rng.randrange(0, 64),
                                  kv_used=rng.randrange(0, 10_000)))
-    fleet = view(*candidates)
-    policy = create_policy("expected-time")
+    return candidates
+
+
+def test_a_thousand_candidates_visited_all_pick_the_cost_model_minimum() -> None:
+    candidates = _thousand_workers()
+    policy = create_policy("expected-time", config=PolicyConfig(sample_size=0))
     request = req(prompt=6000, max_tokens=256)
-    decision = policy.choose(request, fleet, NOW)
+    decision = policy.choose(request, view(*candidates), NOW)
 
     shape = policy.config.default_shape
     decoders = [c for c in candidates if c.role is Role.DECODE and c.free_blocks >= 391 and c.load
@@ -380,3 +384,56 @@ def test_a_thousand_candidates_pick_the_cost_model_minimum() -> None:
     best_prefill_cost = min(policy.prefill_cost_s(c, request, shape) for c in candidates
                             if c.role is Role.PREFILL and c.load and c.load.queued_prefill_tokens <= 65536)
     assert policy.prefill_cost_s(decision.prefill, request, shape) <= best_prefill_cost + 0.05
+
+
+def test_a_thousand_candidates_sampled_pick_near_the_minimum() -> None:
+    """The default visits 8 workers per role: its picks land near the best, not at random."""
+    candidates = _thousand_workers()
+    fleet = view(*candidates)
+    policy = create_policy("expected-time", config=NO_INFLIGHT)
+    request = req(prompt=6000, max_tokens=256)
+    shape = policy.config.default_shape
+    decoders = [c for c in candidates if c.role is Role.DECODE and c.free_blocks >= 391 and c.load
+                and c.load.active_sequences < 64]
+    costs = sorted(policy.decode_cost_s(c, request, shape) for c in decoders)
+    ranks = []
+    for _ in range(200):
+        chosen = policy.choose(request, fleet, NOW).decode
+        ranks.append(sum(cost < policy.decode_cost_s(chosen, request, shape) for cost in costs) / len(costs))
+    # The best of 8 random draws ranks at 1/9 (11%) of the field on average; a uniform pick at 50%.
+    assert sum(ranks) / len(ranks) < 0.2
+
+
+@pytest.mark.parametrize("name", ["expected-time", "least-loaded", "round-robin", "random"])
+def test_the_one_eligible_worker_of_a_large_fleet_is_found_beyond_the_sample(name: str) -> None:
+    """Sampling must never turn "one worker has room" into "every worker is busy"."""
+    full = [worker(f"d{i:03}", batch=8, active=8) for i in range(300)]
+    fleet = view(*full, worker("d150-free", batch=8, active=0))
+    policy = create_policy(name, config=NO_INFLIGHT)
+    for _ in range(5):
+        assert policy.choose(req(prompt=100), fleet, NOW).decode.worker_id == "d150-free"
+
+
+@pytest.mark.parametrize("name", ["expected-time", "least-loaded", "round-robin", "random"])
+def test_a_large_fleet_all_full_is_no_capacity_with_every_worker_counted(name: str) -> None:
+    fleet = view(*[worker(f"d{i:03}", batch=8, active=8) for i in range(300)])
+    with pytest.raises(NoCapacity, match="300 batch full"):
+        create_policy(name, config=NO_INFLIGHT).choose(req(prompt=100), fleet, NOW)
+
+
+def test_round_robin_over_a_large_fleet_visits_every_worker_once_per_turn() -> None:
+    fleet = view(*[worker(f"d{i:03}") for i in range(100)], *[worker(f"p{i:03}", Role.PREFILL) for i in range(40)])
+    policy = create_policy("round-robin", config=NO_INFLIGHT)
+    decisions = [policy.choose(req(), fleet, NOW) for _ in range(200)]
+    decodes = [d.decode.worker_id for d in decisions]
+    assert decodes[:100] == [f"d{i:03}" for i in range(100)] and decodes[100:] == decodes[:100]
+    prefills = [d.prefill.worker_id for d in decisions if d.prefill is not None]
+    assert prefills[:80] == [f"p{i:03}" for i in range(40)] * 2
+
+
+def test_round_robin_skips_a_busy_worker_and_keeps_its_place_on_the_ring() -> None:
+    busy = worker("d003", batch=8, active=8)
+    fleet = view(*[worker(f"d{i:03}") for i in range(6) if i != 3], busy)
+    policy = create_policy("round-robin", config=NO_INFLIGHT)
+    picks = [policy.choose(req(prompt=100), fleet, NOW).decode.worker_id for _ in range(6)]
+    assert picks == ["d000", "d001", "d002", "d004", "d005", "d000"]

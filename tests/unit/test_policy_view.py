@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from router_svc.candidates import Health, Role, WorkerState, unroutable_reason
+from router_svc.candidates import (
+    Candidate,
+    FleetView,
+    Health,
+    Load,
+    ModelPool,
+    ModelPoolBuilder,
+    Role,
+    WorkerState,
+    make_candidate,
+    unroutable_reason,
+)
 from router_svc.candidates_pb import candidate_from_pb, fleet_view_from_pb, load_from_pb
 from router_svc.policies import choose
 from router_svc.policy import RouteRequest
@@ -130,3 +141,57 @@ def test_the_admin_api_and_the_routers_agree_on_routability() -> None:
                                                    cordons=set(snapshot.cordons)).get("w")
                     assert candidate is not None
                     assert candidate.routable == routable(snapshot, rec), (state, status, drained, cordoned)
+
+
+def _candidate(worker_id: str, *, role: Role = Role.DECODE, used: int = 0, state: WorkerState = WorkerState.READY,
+               ) -> Candidate:
+    return make_candidate(worker_id=worker_id, role=role, model="m", endpoint=f"{worker_id}:1", state=state,
+                          load=Load(kv_blocks_used=used, kv_blocks_total=100, kv_block_size=16),
+                          kv_blocks_total=100, kv_block_size=16)
+
+
+def test_pool_builder_replays_load_changes_in_place_and_rebuilds_on_membership_changes() -> None:
+    builder = ModelPoolBuilder()
+    for worker_id in ("d3", "d1", "p1", "d2"):
+        builder.put(_candidate(worker_id, role=Role.PREFILL if worker_id.startswith("p") else Role.DECODE))
+    first = builder.build()
+    assert [c.worker_id for c in first.decoders] == ["d1", "d2", "d3"]
+    assert [c.worker_id for c in first.prefillers] == ["p1"]
+    assert builder.build() is first  # nothing changed
+
+    builder.put(_candidate("d2", used=40))  # a load report: same place, new figures
+    second = builder.build()
+    assert [c.worker_id for c in second.decoders] == ["d1", "d2", "d3"]
+    assert second.by_id["d2"].free_blocks == 60 and second.decoders[1].free_blocks == 60
+    assert first.by_id["d2"].free_blocks == 100  # the earlier snapshot is untouched
+
+    builder.put(_candidate("d1", state=WorkerState.DRAINING))  # routability changed: rebuilt
+    builder.remove("d3")
+    builder.put(_candidate("d0"))
+    third = builder.build()
+    assert [c.worker_id for c in third.candidates] == ["d0", "d1", "d2", "p1"]
+    assert [c.worker_id for c in third.decoders] == ["d0", "d2"]
+    assert third.decoders_seen == 3 and third.prefillers_seen == 1
+    assert ModelPool.of(third.candidates) == third
+
+
+def test_pool_of_a_view_built_either_way_is_the_same() -> None:
+    candidates = [_candidate("d2"), _candidate("d1"), _candidate("p1", role=Role.PREFILL)]
+    by_pools = FleetView.of(candidates)
+    by_groups = FleetView(by_model={"m": tuple(candidates)})
+    assert by_pools.candidates("m") == tuple(sorted(candidates, key=lambda c: c.worker_id))
+    assert by_groups.pool("m").decoders == by_pools.pool("m").decoders
+    assert by_pools.pool("nope").candidates == () and by_pools.routable_counts("m") == (1, 2)
+
+
+def test_with_load_keeps_every_other_field() -> None:
+    import dataclasses
+
+    from router_svc.candidates import ModelShape
+
+    c = make_candidate(worker_id="w", role=Role.UNIFIED, model="m", endpoint="e:1", node="n", host="h",
+                       gpu_type="H100-SXM", gpu_count=2, kv_blocks_total=9, kv_block_size=16, max_batch_size=3,
+                       max_context_tokens=77, kv_transports=("tcp",), shape=ModelShape(params=1e9),
+                       state=WorkerState.DRAINING)
+    load = Load(queued_prefill_tokens=1, active_sequences=2, received_at=12.0)
+    assert c.with_load(load) == dataclasses.replace(c, load=load)

@@ -1,6 +1,6 @@
 """Registry and routing reaction times, etcd write load, and decision time at 1000 workers.
 
-    .venv/bin/python bench/registry.py [--quick] [--trials 20] [--idle 100,1000] [--window 10]
+    .venv/bin/python bench/registry_scale.py [--quick] [--trials 20] [--idle 100,1000] [--window 10]
 
 1. Lifecycle, against real processes (etcd, a router with the round-robin
    policy, one steady sim decode worker; lease TTL 2 s). Requests flow
@@ -38,12 +38,16 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import SIM_8B, percentile, print_header, table, testbed
 
 from tests.support.testbed import Testbed
+
+if TYPE_CHECKING:
+    from router_svc.candidates import FleetView
 
 MODEL = "llama-3-8b"
 TRIAL_TTL = 2
@@ -300,20 +304,75 @@ def _decision_times(workers: int, repeats: int) -> list[list[str]]:
     requests = {"disaggregated (prompt 2000)": RouteRequest(model=MODEL, prompt_tokens=2000, max_tokens=200,
                                                             shape=shape),
                 "local (prompt 100)": RouteRequest(model=MODEL, prompt_tokens=100, max_tokens=200, shape=shape)}
-    rows = [["FleetView rebuild (1000 records + loads)", "-", f"{percentile(rebuild, 50) * 1e3:.2f}",
-             f"{percentile(rebuild, 99) * 1e3:.2f}"]]
+    rows = [[f"FleetView from scratch ({workers} records + loads)", "-", f"{percentile(rebuild, 50) * 1e3:.3f}",
+             f"{percentile(rebuild, 99) * 1e3:.3f}"]]
+    rows += _pool_update_times(list(view), repeats)
+    # Steady state: 1000 requests/s, and each worker's load report (every 50 ms) shows what the router
+    # sent it 100 ms earlier (the in-flight ledger holds only the recent assignments). Burst: every
+    # decision at one instant with no report since, so the ledger holds assignments for most workers.
     for name in policy_names():
-        policy = create_policy(name)
         for label, request in requests.items():
-            times = []
-            now = time.monotonic()
-            for _ in range(repeats):
-                t = time.perf_counter()
-                policy.choose(request, view, now)
-                times.append(time.perf_counter() - t)
-            rows.append([f"choose: {name}", label, f"{percentile(times, 50) * 1e3:.3f}",
-                         f"{percentile(times, 99) * 1e3:.3f}"])
+            for mode in ("steady", "burst"):
+                policy = create_policy(name)
+                times = []
+                start = time.monotonic()
+                for i in range(repeats):
+                    now = start if mode == "burst" else start + i * 1e-3
+                    if mode == "steady" and i % 50 == 0:
+                        view = _reported(view, now - 0.1)
+                    t = time.perf_counter()
+                    policy.choose(request, view, now)
+                    times.append(time.perf_counter() - t)
+                rows.append([f"choose: {name} ({mode})", label, f"{percentile(times, 50) * 1e3:.3f}",
+                             f"{percentile(times, 99) * 1e3:.3f}"])
     return rows
+
+
+def _reported(view: FleetView, at: float) -> FleetView:
+    """`view` with every worker's load report received at `at` (figures unchanged)."""
+    import dataclasses
+
+    from router_svc.candidates import FleetView
+
+    return FleetView.of(c.with_load(dataclasses.replace(c.load, received_at=at)) if c.load else c for c in view)
+
+
+def _pool_update_times(candidates: list, repeats: int) -> list[list[str]]:
+    """What the router's live view pays per change: one load report (a worker's figures change in place),
+    a batch of 50 reports applied at once, and a worker joining (the model's pool rebuilt)."""
+    import dataclasses
+
+    from router_svc.candidates import ModelPoolBuilder
+
+    builder = ModelPoolBuilder()
+    for c in candidates:
+        builder.put(c)
+    builder.build()
+    rng = random.Random(3)
+    one, batch, join = [], [], []
+    for _ in range(repeats):
+        c = rng.choice(candidates)
+        changed = dataclasses.replace(c, load=dataclasses.replace(c.load, active_sequences=rng.randrange(0, 200)))
+        t = time.perf_counter()
+        builder.put(changed)
+        builder.build()
+        one.append(time.perf_counter() - t)
+    for _ in range(max(5, repeats // 20)):
+        picked = rng.sample(candidates, 50)
+        t = time.perf_counter()
+        for c in picked:
+            builder.put(dataclasses.replace(c, load=dataclasses.replace(c.load, kv_blocks_used=rng.randrange(0, 9000))))
+        builder.build()
+        batch.append(time.perf_counter() - t)
+    for i in range(max(5, repeats // 20)):
+        newcomer = dataclasses.replace(candidates[0], worker_id=f"zz-new-{i}")
+        t = time.perf_counter()
+        builder.put(newcomer)
+        builder.build()
+        join.append(time.perf_counter() - t)
+    return [[label, "-", f"{percentile(v, 50) * 1e3:.3f}", f"{percentile(v, 99) * 1e3:.3f}"] for label, v in (
+        ("pool: 1 load report applied", one), ("pool: 50 load reports applied at once", batch),
+        ("pool: a worker joins (rebuild)", join))]
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -383,10 +442,11 @@ def main() -> None:
         print(f"{count} idle registrants: {rates['etcd_debugging_lease_renewed_total'] / expected:.0%} of the "
               f"expected {expected:.0f} keepalives/s; {rates['etcd_mvcc_put_total']:.2f} puts/s and "
               f"{rates['etcd_server_proposals_committed_total']:.2f} raft proposals/s")
-    base = {r[1]: float(r[2]) for r in decision_rows if r[0] == "choose: round-robin"}
+    base = {(r[0][-8:], r[1]): float(r[2]) for r in decision_rows if r[0].startswith("choose: round-robin")}
     for row in decision_rows:
-        if row[0].startswith("choose: ") and row[0] != "choose: round-robin":
-            print(f"{row[0][8:]} vs round-robin, {row[1]}: {float(row[2]) / base[row[1]]:.1f}x p50 decision time")
+        if row[0].startswith("choose: ") and not row[0].startswith("choose: round-robin"):
+            print(f"{row[0][8:]} vs round-robin, {row[1]}: {float(row[2]) / base[(row[0][-8:], row[1])]:.1f}x "
+                  f"p50 decision time")
 
 
 if __name__ == "__main__":
