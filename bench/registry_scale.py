@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import random
 import re
+import socket
 import sys
 import time
 import urllib.request
@@ -47,6 +49,8 @@ from _common import SIM_8B, percentile, print_header, table, testbed
 from tests.support.testbed import Testbed
 
 if TYPE_CHECKING:
+    from registry.etcd_client import EtcdClient
+    from registry.keys import Keys
     from router_svc.candidates import FleetView
 
 MODEL = "llama-3-8b"
@@ -269,6 +273,121 @@ def _write_load(endpoint: str, url: str, count: int, window: float, procs: int) 
     return rates, cpu_rate
 
 
+# -- 4. registry flood ---------------------------------------------------------------------
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _cpu_rate(pid: int, window: float) -> float:
+    start = _proc_cpu_s(pid)
+    await asyncio.sleep(window)
+    return (_proc_cpu_s(pid) - start) / window
+
+
+async def _flood(factory: Testbed, count: int, window: float) -> dict[str, float]:
+    """`count` extra worker records (STARTING, as a large fleet registering; endpoints on closed local ports)
+    written under one lease, then deleted by revoking it, with requests flowing through the router to its one
+    real worker all along. The router's view is read from its metrics (tandem_router_view_workers)."""
+    from registry.etcd_client import EtcdClient, EtcdSettings
+    from registry.keys import Keys
+
+    sim = (*SIM_8B, "--speedup", "1000")
+    factory.start("flood-steady", "decode_svc", *sim)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    router = factory.start("flood-router", "router_svc", "--policy", "expected-time",
+                           "--metrics-listen", f"127.0.0.1:{metrics_port}")
+    pid = router.pid
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    out: dict[str, float] = {"count": count}
+    keys = Keys()
+    async with EtcdClient(EtcdSettings.parse(factory.etcd.endpoint, timeout=30.0)) as client:
+
+        async def gauge(name: str) -> float:
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode())
+            found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+            return float(found.group(1)) if found else -1.0
+
+        async def known_workers() -> float:
+            return await gauge("tandem_router_view_workers")
+
+        await _until_async(known_workers, lambda n: n >= 1, 60, "the router never saw its worker")
+        await asyncio.sleep(2.0)
+        out["rss_before"] = _proc_rss_mib(pid)
+        out["cpu_before"] = await _cpu_rate(pid, window)
+
+        traffic = Traffic(router.endpoint)
+        await traffic.start()
+        lease, _ = await client.grant(600)
+        t0 = time.monotonic()
+        await _put_flood(client, keys, count, lease)
+        out["write_s"] = time.monotonic() - t0
+        await _until_async(known_workers, lambda n: n == count + 1, 120, "the router never saw the flood")
+        out["seen_s"] = time.monotonic() - t0
+        out["streams_flooded"] = await gauge("tandem_router_load_streams")
+        mark = len(traffic.sent)
+        await asyncio.sleep(window)
+        out["rss_flooded"] = _proc_rss_mib(pid)
+        out["cpu_flooded"] = await _cpu_rate(pid, window)
+        revoked = time.monotonic()
+        await client.revoke(lease, timeout=60)
+        await _until_async(known_workers, lambda n: n == 1, 120, "the router never forgot the flood")
+        out["converged_s"] = time.monotonic() - revoked
+        during = traffic.sent[mark:]
+        await traffic.stop()
+        out["served_during"] = sum(1 for s in during if not s.error)
+        out["failed_during"] = sum(1 for s in during if s.error)
+        await asyncio.sleep(10.0)
+        out["cpu_after"] = await _cpu_rate(pid, window)
+        out["rss_after"] = _proc_rss_mib(pid)
+        # A second flood: is what stays after the first a high-water mark, or a leak that grows each time?
+        lease, _ = await client.grant(600)
+        await _put_flood(client, keys, count, lease)
+        await _until_async(known_workers, lambda n: n == count + 1, 120, "the router never saw the second flood")
+        await client.revoke(lease, timeout=60)
+        await _until_async(known_workers, lambda n: n == 1, 120, "the router never forgot the second flood")
+        await asyncio.sleep(10.0)
+        out["rss_after_second"] = _proc_rss_mib(pid)
+    return out
+
+
+async def _put_flood(client: EtcdClient, keys: Keys, count: int, lease: int) -> None:
+    from registry.records import encode
+    from tandem.v1 import common_pb2, registry_pb2
+
+    for first in range(0, count, 500):
+        await asyncio.gather(*(client.put(keys.worker(f"flood-{i:05d}"), encode(registry_pb2.WorkerRecord(
+            worker_id=f"flood-{i:05d}", role=common_pb2.ROLE_DECODE, model=MODEL,
+            endpoint=f"127.0.0.1:{1 + i % 1000}", node=f"flood-node-{i // 8}", host=f"flood-host-{i // 8}",
+            gpu_type="H100-SXM", gpu_count=1, engine="sim", simulated=True,
+            state=registry_pb2.WORKER_STATE_STARTING)), lease=lease)
+            for i in range(first, min(count, first + 500))))
+
+
+async def _until_async(probe, accept, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if accept(await probe()):
+                return
+        except Exception:  # a busy router may time out: keep asking until the deadline
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(message)
+        await asyncio.sleep(0.05)
+
+
 # -- 3. decision time ---------------------------------------------------------------------
 
 
@@ -386,22 +505,32 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=0.0, help="etcd metrics window, seconds (default 10; quick 5)")
     parser.add_argument("--registrant-procs", type=int, default=2, help="processes holding the idle sessions")
     parser.add_argument("--workers", type=int, default=1000, help="workers in view for the decision time")
+    parser.add_argument("--flood", type=int, default=10000, help="records in the registry flood (0: skip it)")
+    parser.add_argument("--only", choices=("lifecycle", "writes", "decisions", "flood"), action="append",
+                        help="run only these parts (repeatable; default all)")
     args = parser.parse_args()
+    parts = set(args.only or ("lifecycle", "writes", "decisions", "flood"))
+    if not args.flood:
+        parts.discard("flood")
     trials = args.trials or (5 if args.quick else 20)
     window = args.window or (5.0 if args.quick else 10.0)
     idle_counts = [int(x) for x in args.idle.split(",") if x]
 
     print_header(f"registry: {trials} worker start/SIGKILL trials (lease TTL {TRIAL_TTL} s), etcd writes with "
                  f"{'/'.join(map(str, idle_counts))} idle registrants (TTL {IDLE_TTL} s), "
-                 f"decisions over {args.workers} workers")
+                 f"decisions over {args.workers} workers, a flood of {args.flood} records; parts: "
+                 f"{', '.join(sorted(parts))}")
+    life: dict[str, list[float]] = {}
+    writes: dict[int, dict[str, float]] = {}
+    write_rows: list[list[str]] = []
+    flood: dict[str, float] = {}
     factory = testbed(lease_ttl=TRIAL_TTL)
     try:
-        life = asyncio.run(_lifecycle(factory, trials))
+        if "lifecycle" in parts:
+            life = asyncio.run(_lifecycle(factory, trials))
         for name in list(factory.children):
             factory.children[name].stop()
-        write_rows = []
-        writes: dict[int, dict[str, float]] = {}
-        for count in idle_counts:
+        for count in idle_counts if "writes" in parts else []:
             rates, cpu = _write_load(factory.etcd.endpoint, f"{factory.etcd.client_url}/metrics", count, window,
                                      args.registrant_procs)
             writes[count] = rates
@@ -411,30 +540,50 @@ def main() -> None:
                                f"{rates['etcd_disk_wal_fsync_duration_seconds_count']:.1f}",
                                f"{count / (IDLE_TTL / 3):.1f}", f"{cpu:.2f}"])
             print(f"  measured {count} idle registrants", file=sys.stderr, flush=True)
+        if "flood" in parts:
+            flood = asyncio.run(_flood(factory, args.flood, window))
     finally:
         factory.close()
         left = factory.leftovers()
         if left:
             print(f"warning: still running after close: {left}", file=sys.stderr)
-    decision_rows = _decision_times(args.workers, 200 if args.quick else 1000)
+    decision_rows = _decision_times(args.workers, 200 if args.quick else 1000) if "decisions" in parts else []
 
-    print(f"\n1. worker lifecycle, {trials} trials (router policy round-robin over a steady worker and the trial's; "
-          f"{int(life['total_requests'][0])} requests sent in all)")
-    paid = life["paid"]
-    print(table(["interval", "p50 ms", "p99 ms", "max ms"], [
-        ["registered (READY seen) -> first routed request", *_ms(life["first"]), f"{max(life['first']) * 1e3:.0f}"],
-        ["SIGKILL -> gone from a RegistryView (lease TTL 2 s)", *_ms(life["gone"]), f"{max(life['gone']) * 1e3:.0f}"],
-        ["SIGKILL -> last request that still tried it (router)", *_ms(life["unchosen"]),
-         f"{max(life['unchosen']) * 1e3:.0f}"],
-    ]))
-    print(f"requests per kill that paid a retry or migration: mean {sum(paid) / len(paid):.1f}, max {max(paid):.0f}; "
-          f"failed requests after kills: {sum(life['failed']):.0f}")
-    print(f"\n2. etcd writes per second with idle registrants (each a LeaseSession with its own lease and a "
-          f"WorkerRecord, as a worker registers; {args.registrant_procs} processes hold them)")
-    print(table(["registrants", "raft proposals/s", "puts/s", "txns/s", "lease renewals/s", "WAL fsyncs/s",
-                 "expected keepalives/s", "sessions' CPU s/s"], write_rows))
-    print(f"\n3. routing decision time, {args.workers} sim workers in view (in process)")
-    print(table(["operation", "request", "p50 ms", "p99 ms"], decision_rows))
+    if life:
+        print(f"\n1. worker lifecycle, {trials} trials (router policy round-robin over a steady worker and the "
+              f"trial's; {int(life['total_requests'][0])} requests sent in all)")
+        paid = life["paid"]
+        print(table(["interval", "p50 ms", "p99 ms", "max ms"], [
+            ["registered (READY seen) -> first routed request", *_ms(life["first"]),
+             f"{max(life['first']) * 1e3:.0f}"],
+            ["SIGKILL -> gone from a RegistryView (lease TTL 2 s)", *_ms(life["gone"]),
+             f"{max(life['gone']) * 1e3:.0f}"],
+            ["SIGKILL -> last request that still tried it (router)", *_ms(life["unchosen"]),
+             f"{max(life['unchosen']) * 1e3:.0f}"],
+        ]))
+        print(f"requests per kill that paid a retry or migration: mean {sum(paid) / len(paid):.1f}, "
+              f"max {max(paid):.0f}; failed requests after kills: {sum(life['failed']):.0f}")
+    if write_rows:
+        print(f"\n2. etcd writes per second with idle registrants (each a LeaseSession with its own lease and a "
+              f"WorkerRecord, as a worker registers; {args.registrant_procs} processes hold them)")
+        print(table(["registrants", "raft proposals/s", "puts/s", "txns/s", "lease renewals/s", "WAL fsyncs/s",
+                     "expected keepalives/s", "sessions' CPU s/s"], write_rows))
+    if decision_rows:
+        print(f"\n3. routing decision time, {args.workers} sim workers in view (in process)")
+        print(table(["operation", "request", "p50 ms", "p99 ms"], decision_rows))
+    if flood:
+        print(f"\n4. registry flood: {args.flood} STARTING worker records written under one lease "
+              f"({flood['write_s']:.1f} s), then the lease revoked; requests through the router all along")
+        print(table(["router process", "before", "flooded", "after"], [
+            ["CPU s/s (idle before and after; traffic while flooded)", f"{flood['cpu_before']:.3f}",
+             f"{flood['cpu_flooded']:.3f}", f"{flood['cpu_after']:.3f}"],
+            ["RSS MiB", f"{flood['rss_before']:.0f}", f"{flood['rss_flooded']:.0f}", f"{flood['rss_after']:.0f}"],
+        ]))
+        print(f"RSS after a second flood and revoke: {flood['rss_after_second']:.0f} MiB")
+        print(f"first write -> all {args.flood} in the router's view: {flood['seen_s']:.2f} s (WatchLoad streams "
+              f"then: {flood['streams_flooded']:.0f}); revoke -> the view back to the 1 real worker: "
+              f"{flood['converged_s']:.2f} s; requests while flooded: {flood['served_during']:.0f} served, "
+              f"{flood['failed_during']:.0f} failed")
 
     print()
     for count, rates in writes.items():
@@ -447,6 +596,9 @@ def main() -> None:
         if row[0].startswith("choose: ") and not row[0].startswith("choose: round-robin"):
             print(f"{row[0][8:]} vs round-robin, {row[1]}: {float(row[2]) / base[(row[0][-8:], row[1])]:.1f}x "
                   f"p50 decision time")
+    if flood:
+        print(f"flood: router memory after / before {flood['rss_after'] / flood['rss_before']:.2f}x; "
+              f"idle CPU after / before {flood['cpu_after'] / max(flood['cpu_before'], 1e-3):.1f}x")
 
 
 if __name__ == "__main__":
