@@ -10,6 +10,13 @@ raises `EtcdStartError` with the tail of etcd's log. `stop()` is safe to call
 twice. `pause()`/`resume()` send SIGSTOP/SIGCONT (outage drills);
 `kill()` is SIGKILL; `start()` after `kill()` or `stop()` reuses the data
 directory (an etcd restart), `wipe()` removes it (a new, empty cluster).
+
+With `tls` (EtcdTls) clients speak HTTPS/gRPC-TLS and must present a
+certificate the CA signed (`--client-cert-auth`: once auth is enabled, the
+certificate's Common Name is the etcd user; registry.etcd_auth provisions
+them). /health and /metrics then move to a plaintext loopback listener of
+their own (`metrics_url`), so health checks and Prometheus need no client
+certificate; they reveal no keys.
 """
 
 from __future__ import annotations
@@ -65,6 +72,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """etcd's server certificate and the CA its clients' certificates must come from."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 @dataclass
 class EtcdServer:
     """One etcd member on loopback, owned by this process.
@@ -82,6 +98,8 @@ class EtcdServer:
     cluster_token: str = "tandem-local"
     binary: str = ""
     log_path: Path | None = None
+    tls: EtcdTls | None = None
+    metrics_port: int = 0
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _owns_dir: bool = field(default=False, init=False, repr=False)
     _log_file: object = field(default=None, init=False, repr=False)
@@ -95,6 +113,8 @@ class EtcdServer:
             self.client_port = free_port()
         if not self.peer_port:
             self.peer_port = free_port()
+        if self.tls is not None and not self.metrics_port:
+            self.metrics_port = free_port()
         if not self.binary:
             self.binary = find_etcd_binary()
         if self.log_path is None:
@@ -107,7 +127,16 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.endpoint}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Where /health and /metrics answer: the client URL, or with TLS a plaintext listener of their own."""
+        return f"http://127.0.0.1:{self.metrics_port}" if self.tls is not None else self.client_url
+
+    @property
+    def metrics_endpoint(self) -> str:
+        return self.metrics_url.removeprefix("http://")
 
     @property
     def peer_url(self) -> str:
@@ -142,6 +171,19 @@ class EtcdServer:
             "--election-timeout", "500",
             "--quota-backend-bytes", str(512 * 1024 * 1024),
             "--log-level", "warn",
+            *self._tls_flags(),
+        ]
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--cert-file", str(self.tls.cert_file),
+            "--key-file", str(self.tls.key_file),
+            "--trusted-ca-file", str(self.tls.ca_file),
+            # Every client shows a certificate of this CA; under auth its Common Name is the user.
+            "--client-cert-auth",
+            "--listen-metrics-urls", self.metrics_url,
         ]
 
     def launch(self) -> None:
@@ -172,7 +214,7 @@ class EtcdServer:
             if self._process is not None and self._process.poll() is not None:
                 raise EtcdStartError(f"etcd exited with {self._process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0) as response:
+                with urllib.request.urlopen(f"{self.metrics_url}/health", timeout=1.0) as response:
                     body = json.loads(response.read() or b"{}")
                 if str(body.get("health")) == "true":
                     return

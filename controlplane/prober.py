@@ -41,7 +41,7 @@ from registry.records import encode
 from registry.routable import Health
 from registry.routable_pb import health_from_pb, health_to_pb
 from registry.view import RegistryView
-from runtime.peers import PeerTls
+from runtime.peers import PeerTls, peer_identity
 from runtime.tasks import cancel_and_wait
 from tandem.v1 import registry_pb2
 
@@ -78,9 +78,11 @@ class Prober:
         self._on_probe = on_probe
         self._on_verdict = on_verdict
         self._clock = clock
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # By (endpoint, identity): with identity checks on, a probe verifies that the worker's certificate
+        # names the record probed, so a record forged to point at someone else's server is NOT_SERVING.
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._peer_tls = peer_tls
         self._credentials = peer_tls.credentials() if peer_tls is not None else None
-        self._tls_options = peer_tls.options() if peer_tls is not None else ()
         self._endpoints: dict[str, str] = {}
         self._written: dict[str, _Written] = {}
         # Verdicts seen in the view (any writer), kept after their key vanishes: the
@@ -168,7 +170,8 @@ class Prober:
             self._endpoints[worker_id] = record.endpoint
         index = gpu_index({name: e.record for name, e in self.view.entries(Kind.NODE).items()})
         ids = sorted(workers)
-        results = await asyncio.gather(*(self._probe(workers[w].endpoint) for w in ids))
+        results = await asyncio.gather(*(self._probe(workers[w].endpoint, self._identity(w, workers[w]))
+                                         for w in ids))
         now = self._clock()
         transitions = []
         due = []
@@ -181,14 +184,21 @@ class Prober:
             if self._needs_write(worker_id, transition.new, lease):
                 due.append((worker_id, transition.new))
         await self._write_all(due, lease)
-        await self._close_channels(set(self._channels) - {r.endpoint for r in workers.values()})
+        await self._close_channels(set(self._channels) - {(r.endpoint, self._identity(w, r))
+                                                          for w, r in workers.items()})
         self.rounds += 1
         return transitions
 
-    async def _probe(self, endpoint: str) -> tuple[bool, str]:
+    def _identity(self, worker_id: str, record: registry_pb2.WorkerRecord) -> str:
+        """What the worker's certificate must name ("" when identities are not checked)."""
+        if self._peer_tls is None or not self._peer_tls.verify_identity:
+            return ""
+        return peer_identity(worker_id, record.node)
+
+    async def _probe(self, endpoint: str, identity: str) -> tuple[bool, str]:
         """(answered SERVING, what it answered or the RPC error code)."""
         async with self._limit:
-            stub = health_pb2_grpc.HealthStub(self._channel(endpoint))
+            stub = health_pb2_grpc.HealthStub(self._channel(endpoint, identity))
             started = time.monotonic()
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
@@ -200,8 +210,8 @@ class Prober:
                 if self._on_probe is not None:
                     self._on_probe(time.monotonic() - started)
 
-    def _channel(self, endpoint: str) -> grpc.aio.Channel:
-        channel = self._channels.get(endpoint)
+    def _channel(self, endpoint: str, identity: str) -> grpc.aio.Channel:
+        channel = self._channels.get((endpoint, identity))
         if channel is None:
             # Reconnect backoff capped near the interval: a worker that comes back must be
             # seen as soon as it answers, not after gRPC's default two-minute backoff.
@@ -210,18 +220,18 @@ class Prober:
                 ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
                 ("grpc.min_reconnect_backoff_ms", min(backoff_ms, 1000)),
                 ("grpc.max_reconnect_backoff_ms", backoff_ms),
-                *self._tls_options,
+                *(self._peer_tls.options(identity) if self._peer_tls is not None else ()),
             ]
             if self._credentials is not None:
                 channel = grpc.aio.secure_channel(endpoint, self._credentials, options=options)
             else:
                 channel = grpc.aio.insecure_channel(endpoint, options=options)
-            self._channels[endpoint] = channel
+            self._channels[(endpoint, identity)] = channel
         return channel
 
-    async def _close_channels(self, endpoints: set[str]) -> None:
-        for endpoint in endpoints:
-            channel = self._channels.pop(endpoint, None)
+    async def _close_channels(self, keys: set[tuple[str, str]]) -> None:
+        for key in keys:
+            channel = self._channels.pop(key, None)
             if channel is not None:
                 await channel.close()
 

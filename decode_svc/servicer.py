@@ -23,14 +23,15 @@ import grpc
 from engine.base import DecodeRequest, InvalidRequest, KvBlob
 from engine.kv.exporter import fetch_kv
 from engine.kv.layout import layout_from_proto
-from engine.kv.transport import transport_names
+from engine.kv.transport import KvTransferError, transport_names
 from registry.etcd_client import EtcdClient
 from registry.keys import Kind
 from registry.view import RegistryView
 from runtime.channels import ChannelPool
 from runtime.logs import request_scope
+from runtime.peers import peer_identity
 from runtime.sampling import finish_reason_to_proto
-from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 from worker.coalesce import coalesced
 from worker.errors import rpc_errors
 from worker.handle_check import HandlePolicy, UnknownProducer, check_fields, check_handle, handle_accepted
@@ -55,18 +56,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                             max_kv_bytes=self.ctx.settings.max_kv_bytes, producers=records,
                             known_transports=transport_names())
 
-    async def _check_handle(self, handle: common_pb2.KvHandle) -> None:
-        """HandleMalformed / HandleRefused / KvMismatch before any connection to the handle's source."""
+    async def _check_handle(self, handle: common_pb2.KvHandle) -> registry_pb2.WorkerRecord:
+        """The producer's record; HandleMalformed / HandleRefused / KvMismatch before any connection to it."""
         check_fields(handle, max_kv_bytes=self.ctx.settings.max_kv_bytes, known_transports=transport_names())
         self.ctx.engine.layout.check_compatible(layout_from_proto(handle.layout))
         try:
-            check_handle(handle, self._policy())
+            return check_handle(handle, self._policy())
         except UnknownProducer:
             # A producer registered a moment ago may not be in this view yet: wait a little for the watch.
             if self.producers is None or not await self.producers.wait_for(
                     lambda view: handle_accepted(handle, self._policy()), timeout=PRODUCER_WAIT_S):
                 raise
-            check_handle(handle, self._policy())
+            return check_handle(handle, self._policy())
 
     async def Decode(self, request: worker_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeResponse]:
@@ -85,15 +86,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 if len(generated) >= sampling.max_tokens:
                     raise InvalidRequest(f"generated_token_ids already holds {len(generated)} tokens, max_tokens "
                                          f"is {sampling.max_tokens}: nothing left to decode")
+                producer_identity = ""
                 if has_handle:
                     # Refuse a forged or incompatible handle before connecting anywhere or taking a slot.
-                    await self._check_handle(request.handle)
+                    producer = await self._check_handle(request.handle)
+                    # With identity checks on, the pull's TLS handshake verifies the producer's record too.
+                    producer_identity = peer_identity(producer.worker_id, producer.node)
                 with self.ctx.admission.admit(context.peer()):
                     started = time.perf_counter()
                     blob: KvBlob | None = None
                     if has_handle:
-                        blob = await fetch_kv(request.handle, channel_factory=self.channels.get,
-                                              timeout_s=self.ctx.settings.kv_pull_timeout_s)
+                        try:
+                            blob = await fetch_kv(request.handle,
+                                                  channel_factory=lambda ep: self.channels.get(ep, producer_identity),
+                                                  timeout_s=self.ctx.settings.kv_pull_timeout_s)
+                        except KvTransferError as exc:
+                            # A producer whose certificate does not name its record is counted and logged.
+                            self.channels.note_failure(request.handle.source_endpoint, producer_identity, str(exc))
+                            raise
                     transfer_ms = (time.perf_counter() - started) * 1000
                     if blob is not None:
                         transport = request.handle.transport or "grpc"

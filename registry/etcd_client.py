@@ -33,6 +33,7 @@ from etcd3aio._protobuf import (
     WatchRequest,
     WatchStub,
 )
+from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
@@ -337,6 +338,12 @@ class EtcdClient:
             stop.set()
             with contextlib.suppress(Exception):
                 call.cancel()
+
+    @property
+    def auth_api(self) -> AuthService:
+        """etcd's Auth API on this connection (users, roles, enabling auth); for provisioning only."""
+        assert self._client.auth is not None, "connect() first"
+        return self._client.auth
 
     @property
     def _kv_api(self) -> KVService:

@@ -49,6 +49,9 @@ class CommonSettings:
     peer_key_file: Path | None = setting(None, "private key of --peer-cert-file")
     peer_tls_server_name: str = setting(
         "", "certificate name to verify on other Tandem services (one shared name for a fleet)")
+    peer_verify_identity: bool = setting(
+        False, "check that a worker's certificate names the worker and node of the registry record it was "
+               "dialed for (certificates from `tandemctl certs`; docs/security.md)")
 
     def etcd_settings(self) -> EtcdSettings:
         return EtcdSettings.parse(
@@ -68,9 +71,12 @@ class CommonSettings:
     def peer_tls(self) -> PeerTls | None:
         """How to call other Tandem services (workers): None for plaintext."""
         if self.peer_ca_file is None:
+            if self.peer_verify_identity:
+                raise ValueError("--peer-verify-identity needs --peer-ca-file (TLS to other services)")
             if self.peer_cert_file or self.peer_key_file:
                 raise ValueError("--peer-cert-file and --peer-key-file need --peer-ca-file (TLS to other services)")
             return None
         if bool(self.peer_cert_file) != bool(self.peer_key_file):
             raise ValueError("--peer-cert-file and --peer-key-file go together")
-        return PeerTls(self.peer_ca_file, self.peer_cert_file, self.peer_key_file, self.peer_tls_server_name)
+        return PeerTls(self.peer_ca_file, self.peer_cert_file, self.peer_key_file, self.peer_tls_server_name,
+                       verify_identity=self.peer_verify_identity)

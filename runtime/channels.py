@@ -1,19 +1,31 @@
-"""Client channels to other Tandem processes, one per endpoint, reused.
+"""Client channels to other Tandem processes, one per endpoint (and peer identity), reused.
 
 Routers call the same few workers thousands of times a second and decode
 workers pull KV from the same prefill workers: a channel per endpoint keeps
 HTTP/2 connections warm.
+
+With identity checks on (`PeerTls.verify_identity`), a channel opened for a
+registry record verifies the name `runtime.peers.peer_identity` derives from
+that record, so a server with no CA-signed certificate, or one that names
+another worker, fails the handshake: no request reaches it. Those failures
+are counted (`tandem_peer_identity_failures`) and logged once per endpoint
+and identity, not once per attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from typing import TYPE_CHECKING
 
 import grpc
+from prometheus_client import Counter
 
 if TYPE_CHECKING:
     from runtime.peers import PeerTls
+
+log = logging.getLogger(__name__)
 
 CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -27,6 +39,25 @@ CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
+PEER_IDENTITY_FAILURES = Counter(
+    "tandem_peer_identity_failures",
+    "Calls to a peer that failed the TLS handshake (no CA-signed certificate, or one naming another worker)")
+
+# How long calls still running on a dropped channel may take to finish.
+DROP_GRACE_S = 300.0
+
+# Channel closes in flight (a task is kept referenced until it ends).
+_CLOSING: set[asyncio.Task[None]] = set()
+
+# What grpc's details say when the TLS handshake or the peer's certificate name failed.
+_HANDSHAKE_SIGNS = ("handshake", "ssl", "certificate", "peer name", "tls", "hostname verification")
+
+
+def is_handshake_failure(details: str) -> bool:
+    """Whether a failed call's details say the TLS handshake failed. Pure."""
+    lowered = (details or "").lower()
+    return any(sign in lowered for sign in _HANDSHAKE_SIGNS)
+
 
 class ChannelPool:
     """Plaintext or TLS (`tls`) channels by endpoint. Use from one event loop; close() is safe twice."""
@@ -34,18 +65,58 @@ class ChannelPool:
     def __init__(self, tls: PeerTls | None = None) -> None:
         self.tls = tls
         self._credentials = tls.credentials() if tls is not None else None
-        self._options = [*CLIENT_OPTIONS, *(tls.options() if tls is not None else ())]
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._reported: set[tuple[str, str]] = set()
 
-    def get(self, endpoint: str) -> grpc.aio.Channel:
-        channel = self._channels.get(endpoint)
+    def _target(self, endpoint: str, identity: str) -> str:
+        """The name a channel to `endpoint` verifies for `identity` ('' : the address or the shared name)."""
+        if self.tls is None or not self.tls.verify_identity:
+            return ""
+        if identity:
+            return identity
+        # A call that names no record (a KV handle release) reuses the verified channel of that endpoint.
+        return next((name for ep, name in self._channels if ep == endpoint and name), "")
+
+    def get(self, endpoint: str, identity: str = "") -> grpc.aio.Channel:
+        """The channel to `endpoint`; `identity` (runtime.peers.peer_identity of the record dialed for) is
+        what its certificate must name when identity checks are on, and ignored otherwise."""
+        key = (endpoint, self._target(endpoint, identity))
+        channel = self._channels.get(key)
         if channel is None:
             if self._credentials is not None:
-                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
+                assert self.tls is not None
+                options = [*CLIENT_OPTIONS, *self.tls.options(key[1])]
+                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=options)
             else:
-                channel = grpc.aio.insecure_channel(endpoint, options=self._options)
-            self._channels[endpoint] = channel
+                channel = grpc.aio.insecure_channel(endpoint, options=CLIENT_OPTIONS)
+            self._channels[key] = channel
         return channel
+
+    def note_failure(self, endpoint: str, identity: str, details: str) -> bool:
+        """Counts a call that failed the TLS handshake (and logs it once per endpoint and identity).
+
+        Returns whether it was one. Callers pass every UNAVAILABLE they see from a peer."""
+        if self.tls is None or not is_handshake_failure(details):
+            return False
+        PEER_IDENTITY_FAILURES.inc()
+        key = (endpoint, self._target(endpoint, identity))
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning("peer failed the TLS handshake: its certificate is not CA-signed or does not name it",
+                        extra={"endpoint": endpoint, "expected_name": key[1] or endpoint, "details": details})
+        return True
+
+    def drop(self, endpoint: str) -> None:
+        """Closes the channels to `endpoint` (its workers left): a pool that only grew would keep a
+        connection, or reconnect attempts, to every address ever registered. Calls still running on one
+        (a draining worker finishing its streams) get `DROP_GRACE_S` to end; a new call opens a new
+        channel."""
+        for key in [key for key in self._channels if key[0] == endpoint]:
+            channel = self._channels.pop(key)
+            self._reported.discard(key)
+            task = asyncio.get_running_loop().create_task(channel.close(grace=DROP_GRACE_S))
+            _CLOSING.add(task)
+            task.add_done_callback(_CLOSING.discard)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}

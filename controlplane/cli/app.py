@@ -26,6 +26,7 @@ from controlplane.cli.common import CliState
 from runtime import __version__
 
 COMMAND_MODULES = (
+    "controlplane.cli.certs",
     "controlplane.cli.fleet",
     "controlplane.cli.intents",
     "controlplane.cli.models",
