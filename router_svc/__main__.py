@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from registry.etcd_client import EtcdClient
+from router_svc.http_api.keys import ApiKeys, KeyFileError
+from router_svc.http_api.server import HttpFront, server_ssl_context
+from router_svc.inference import InferenceCore
 from router_svc.live_view import LiveView
 from router_svc.metrics import RouterMetrics
 from router_svc.models import ModelCatalog, parse_tokenizer_map
@@ -31,6 +34,15 @@ from tandem.v1 import inference_pb2_grpc
 log = logging.getLogger("router_svc")
 
 __all__ = ["RouterSettings", "main", "serve"]
+
+
+def _http_front(settings: RouterSettings, core: InferenceCore, metrics: RouterMetrics,
+                tls: TlsFiles | None) -> HttpFront:
+    """The OpenAI-compatible HTTP API: TLS with the gRPC port's certificate, when it has one."""
+    context = server_ssl_context(str(tls.cert), str(tls.key), str(tls.client_ca) if tls.client_ca else None) \
+        if tls is not None else None
+    return HttpFront(core, metrics, ApiKeys(settings.http_api_keys_file, settings.http_api_keys),
+                     ssl_context=context, shutdown_grace=settings.shutdown_grace)
 
 
 async def serve(settings: RouterSettings) -> int:
@@ -53,8 +65,10 @@ async def serve(settings: RouterSettings) -> int:
     server_tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert and settings.tls_key else None
     service = GrpcService(settings.listen, service_names=["tandem.v1.Inference"], tls=server_tls)
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(view, pipeline, catalog, RouterMetrics()), service.server)
+    metrics = RouterMetrics()
+    core = InferenceCore(view, pipeline, catalog, metrics)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core), service.server)
+    http = _http_front(settings, core, metrics, server_tls) if settings.http_listen else None
     stop = asyncio.Event()
     install_stop_signals(stop)
     try:
@@ -62,16 +76,19 @@ async def serve(settings: RouterSettings) -> int:
         # Serve at once: requests wait (bounded) for workers; the view fills as etcd answers.
         await view.registry.wait_synced(timeout=settings.etcd_timeout)
         port = await service.start()
+        http_port = await http.start(settings.http_listen) if http is not None else 0
         endpoint = advertised_endpoint(settings.listen, port, settings.advertise_host)
         announce_ready(settings.ready_file, endpoint=endpoint, pid=os.getpid(),
-                       metrics_port=metrics_endpoint.port if metrics_endpoint else 0)
-        log.info("router ready", extra={"endpoint": endpoint, "policy": policy.name})
+                       metrics_port=metrics_endpoint.port if metrics_endpoint else 0, http_port=http_port)
+        log.info("router ready", extra={"endpoint": endpoint, "policy": policy.name, "http_port": http_port})
         await stop.wait()
     finally:
         if metrics_endpoint is not None:
             metrics_endpoint.draining()  # /healthz says so while in-flight streams finish
         await service.set_serving(False)
-        await service.stop(grace=settings.shutdown_grace)
+        # Both fronts stop accepting at once; their requests in flight share the one grace.
+        await asyncio.gather(service.stop(grace=settings.shutdown_grace),
+                             *([http.stop()] if http is not None else []))
         await view.close()
         await channels.close()
         await client.close()
@@ -86,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                description="Tandem router: the public Inference API")
         parse_tokenizer_map(settings.tokenizer)
         settings.peer_tls()
-    except (ConfigError, ValueError) as exc:
+        ApiKeys(settings.http_api_keys_file, settings.http_api_keys)  # a missing or empty key file: refuse to start
+    except (ConfigError, ValueError, KeyFileError) as exc:
         print(f"tandem-router: {exc}", file=sys.stderr)
         return 2
     configure_logging("tandem-router", settings.log_level, settings.log_format)

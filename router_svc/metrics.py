@@ -2,7 +2,10 @@
 
 Every series carries the served `model` (empty for a request rejected before a
 served model was resolved: an unknown name, or bad arguments); statuses are
-gRPC code names (`OK`, `INVALID_ARGUMENT`...), as the workers' are.
+gRPC code names (`OK`, `INVALID_ARGUMENT`...), as the workers' are, whichever
+front (gRPC or HTTP) the request came through. The request-time histogram
+carries each request's id as an OpenMetrics exemplar (scrape with
+`Accept: application/openmetrics-text`), the id its log lines carry.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class RouterMetrics:
         self.migrations = Counter("tandem_router_migrations", "Sequences moved to a new pair mid-stream", ["model"])
         self.decisions = Counter("tandem_router_decisions", "Routing decisions by reason", ["model", "reason"])
         self.tokens = Counter("tandem_router_generated_tokens", "Tokens streamed to clients", ["model"])
+        # The HTTP front's answers by endpoint and HTTP status (its requests are in tandem_router_requests too).
+        self.http_requests = Counter("tandem_router_http_requests", "OpenAI-compatible HTTP API answers",
+                                     ["path", "status"])
 
     def observe(self, outcome: Outcome, model: str) -> None:
         self.ttft.labels(model=model).observe(outcome.ttft_ms / 1000)

@@ -25,6 +25,11 @@ from runtime.setting import setting
 class RouterSettings(CommonSettings):
     listen: str = setting("0.0.0.0:50051", "gRPC listen address for clients")
     advertise_host: str = setting("", "host clients use to reach this router")
+    http_listen: str = setting("", "serve the OpenAI-compatible HTTP API on HOST:PORT (empty: off)")
+    http_api_keys_file: Path | None = setting(
+        None, "HTTP API keys, one per line; re-read when the file changes (unset, with no --http-api-keys: no auth)")
+    http_api_keys: str = setting("", "comma-separated HTTP API keys (prefer the variable or the file: "
+                                 "flags show in ps)", secret=True)
     policy: str = setting(DEFAULT_POLICY, "routing policy", choices=policy_names)
     local_prefill_max_prompt_tokens: int = setting(
         PolicyConfig.local_prefill_max_prompt_tokens,
@@ -47,7 +52,7 @@ class RouterSettings(CommonSettings):
                                       unit="tokens")
     max_output_tokens: int = setting(DEFAULT_MAX_OUTPUT_TOKENS, "max_tokens limit when a model spec sets none",
                                      min=1, unit="tokens")
-    tls_cert: Path | None = setting(None, "serve TLS with this certificate")
+    tls_cert: Path | None = setting(None, "serve TLS with this certificate (gRPC and HTTP ports)")
     tls_key: Path | None = setting(None, "private key of --tls-cert")
     tls_client_ca: Path | None = setting(None, "require client certificates from this CA")
 

@@ -50,7 +50,8 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "up", "--state-dir", str(state_dir), "--lease-ttl", "2",
-         "--router-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+         "--router-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--http-listen", "127.0.0.1:0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -94,7 +95,7 @@ def test_ctrl_c_during_start_up_stops_what_started(tmp_path: Path) -> None:
     up = subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "up", "--engine", "sim", "--prefill", "0", "--decode", "2",
          "--state-dir", str(state_dir), "--lease-ttl", "2", "--router-listen", "127.0.0.1:0",
-         "--admin-listen", "127.0.0.1:0"],
+         "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -121,8 +122,8 @@ def test_ctrl_c_during_start_up_stops_what_started(tmp_path: Path) -> None:
 def test_bad_options_fail_before_anything_starts(tmp_path: Path) -> None:
     state_dir = tmp_path / "factory"
     result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "up", "--engine", "vllm", "--admin-listen", "7070",
+        [sys.executable, "-m", "controlplane.cli", "up", "--engine", "tensorrt", "--admin-listen", "7070",
          "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "--engine must be one of torch, sim" in result.stderr and "--admin-listen expects host:port" in result.stderr
+    assert "--engine must be one of torch, sim, vllm" in result.stderr and "--admin-listen expects host:port" in result.stderr
     assert not state_dir.exists(), "nothing may start (or be written) when an option is wrong"

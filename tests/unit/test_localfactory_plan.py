@@ -49,13 +49,19 @@ def test_sim_without_a_fleet_gets_one_default_gpu_per_worker() -> None:
 def test_every_option_is_checked_before_anything_starts() -> None:
     assert check_options(FactoryOptions(engine="sim", node="n")) == []
     assert check_options(FactoryOptions(node="n")) == []
-    problems = check_options(FactoryOptions(engine="vllm", router_listen="50051", admin_listen="127.0.0.1:99999",
+    problems = check_options(FactoryOptions(engine="tensorrt", router_listen="50051", admin_listen="127.0.0.1:99999",
                                             etcd="10.0.0.5", node="n"))
     assert problems == [
-        "--engine must be one of torch, sim, got 'vllm'",
+        "--engine must be one of torch, sim, vllm, got 'tensorrt'",
         "--router-listen expects host:port (port 0..65535, 0 for any free one), got '50051'",
         "--admin-listen expects host:port (port 0..65535, 0 for any free one), got '127.0.0.1:99999'",
         "--etcd expects host:port (port 0..65535, 0 for any free one), got '10.0.0.5'",
     ]
     assert check_options(FactoryOptions(router_listen="127.0.0.1:7070", node="n")) == [
         "--router-listen and --admin-listen are both 127.0.0.1:7070"]
+
+
+def test_the_secure_mode_runs_its_own_etcd() -> None:
+    assert check_options(FactoryOptions(secure=True, node="n")) == []
+    assert check_options(FactoryOptions(secure=True, etcd="10.0.0.5:2379", node="n")) == [
+        "--secure starts its own etcd with TLS and auth; it cannot take --etcd"]

@@ -44,8 +44,9 @@ def test_defaults_library_code_needs_are_the_librarys() -> None:
 
 def test_registry_backed_choices_match_case_insensitively() -> None:
     assert load_config(WorkerSettings, ["--engine", "SIM"], prog="tandem-prefill", env={}).engine == "sim"
-    with pytest.raises(ConfigError, match=r"--engine must be one of sim, torch, got 'vllm'"):
-        load_config(WorkerSettings, [], prog="tandem-prefill", env={"TANDEM_ENGINE": "vllm"})
+    assert load_config(WorkerSettings, ["--engine", "vLLM"], prog="tandem-prefill", env={}).engine == "vllm"
+    with pytest.raises(ConfigError, match=r"--engine must be one of sim, torch, vllm, got 'tensorrt'"):
+        load_config(WorkerSettings, [], prog="tandem-prefill", env={"TANDEM_ENGINE": "tensorrt"})
     with pytest.raises(ConfigError, match=r"--policy must be one of .*round-robin.*, got 'fastest'"):
         load_config(RouterSettings, ["--policy", "fastest"], prog="tandem-router", env={})
 
