@@ -2,8 +2,9 @@
 
 Each worker is the sim engine's own scheduler (engine.sim.scheduler:
 continuous batching, chunked prefill, KV blocks, preemption) charged the sim
-engine's roofline step time (engine.sim.roofline), exactly as SimEngine runs
-them, minus asyncio: steps follow each other on a virtual clock, so an hour
+engine's step time (engine.sim.roofline: the calibrated step model of
+docs/costmodel.md unless the params say "roofline"), exactly as SimEngine
+runs them, minus asyncio: steps follow each other on a virtual clock, so an hour
 of fleet time costs seconds of CPU. Requests are routed by the router's own
 policy (router_svc.policy, expected-time by default) over `Candidate`s built
 from each worker's live load, as the router sees its WatchLoad reports

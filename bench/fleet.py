@@ -1,10 +1,14 @@
 """Simulated fleets: goodput of aggregated vs disaggregated serving, and of mixed GPUs at equal hourly cost.
 
-    .venv/bin/python bench/fleet.py [--quick] [--prices FILE] [--requests N] [--seed 1]
+    .venv/bin/python bench/fleet.py [--quick] [--prices FILE] [--requests N] [--seed 1] [--weights bf16|fp8]
+        [--timing calibrated|roofline] [--input 3000] [--output 150] [--ttft-slo 2] [--tpot-slo 0.05]
 
-Llama-3-70B (bf16) on simulated GPUs, timed by the sim engine's roofline and
-scheduled by its own scheduler, routed by the router's expected-time policy,
-on a virtual clock (bench/_fleet_sim.py): minutes of fleet time cost seconds.
+Llama-3-70B on simulated GPUs, timed by the sim engine's step model (by
+default the calibrated one of docs/costmodel.md, fitted to published
+measurements; --timing roofline for the plain max(FLOPs, bytes) roofline)
+and scheduled by its own scheduler, routed by the router's expected-time
+policy pricing work with the same step model, on a virtual clock
+(bench/_fleet_sim.py): minutes of fleet time cost seconds.
 
 For each fleet, arrival rates are searched for goodput: the highest Poisson
 rate at which at least 90% of requests meet both SLOs (TTFT <= 2 s, mean
@@ -44,6 +48,7 @@ from router_svc.candidates import Role
 from router_svc.costmodel import CostConfig, CostModel
 from router_svc.policies import create_policy
 from router_svc.policy import PolicyConfig
+from runtime.stepparams import StepParamsTable, default_step_params
 
 PRICES = ROOT / "runtime" / "data" / "prices.toml"
 MODEL = "llama-3-70b"
@@ -63,6 +68,12 @@ CROSS_HOST_KV = 25e9
 # One global memory setting: 95% of GPU memory for weights + KV (vLLM's
 # gpu_memory_utilization; 0.9 leaves no KV room for 70B bf16 on 2 x 80 GB).
 PARAMS = RooflineParams.create(memory_utilization=0.95)
+# What the router prices work with: the same calibrated parameters as the
+# sim (replaced under --timing roofline by the roofline's efficiencies, MFU
+# 0.5 and MBU 0.7 times TP efficiency 0.9, with no overhead or interference).
+ROUTER_PARAMS: StepParamsTable = default_step_params()
+ROOFLINE_ROUTER_PARAMS = StepParamsTable(reference_engine="roofline", interference=0.0, allreduce_s=0.0,
+                                         overheads={"roofline": 0.0}, efficiencies={"default": (0.45, 0.63)})
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ def _run(fleet: Fleet, rate: float, workload: Workload, requests: int, seed: int
 
     profile = model_profile()
     policy = create_policy("expected-time", cost=CostModel(config=CostConfig(
-        same_host_kv_bytes_per_s=SAME_HOST_KV, cross_host_kv_bytes_per_s=CROSS_HOST_KV)),
+        same_host_kv_bytes_per_s=SAME_HOST_KV, cross_host_kv_bytes_per_s=CROSS_HOST_KV), params=ROUTER_PARAMS),
         # The simulator hands the policy exact loads at every decision: nothing to hold in flight.
         config=PolicyConfig(inflight_hold_s=0))
     sim = FleetSim(fleet.specs(), profile, PARAMS, policy, workload, same_host_kv_bytes_per_s=SAME_HOST_KV,
@@ -245,12 +256,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="arrival and length seed (the same for every fleet)")
     parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
                         help="weight precision: fp8 halves weight bytes, so 1-GPU prefill workers and more "
-                             "prefill:decode splits fit (compute stays at the bf16 rate)")
+                             "prefill:decode splits fit; matmuls run at the GPU's FP8 rate where it has one")
+    parser.add_argument("--timing", choices=("calibrated", "roofline"), default="calibrated",
+                        help="step timing: the calibrated step model (docs/costmodel.md) or the plain roofline")
+    parser.add_argument("--input", type=int, default=3000, help="mean prompt tokens (default 3000)")
+    parser.add_argument("--output", type=int, default=150, help="mean output tokens (default 150)")
+    parser.add_argument("--ttft-slo", type=float, default=2.0, help="TTFT SLO in seconds (default 2)")
+    parser.add_argument("--tpot-slo", type=float, default=0.05, help="mean inter-token SLO in seconds (default 0.05)")
+    parser.add_argument("--h100-only", action="store_true", help="only part a (8 x H100: aggregated vs disaggregated)")
     args = parser.parse_args()
-    global WEIGHT_BYTES
+    global WEIGHT_BYTES, PARAMS, ROUTER_PARAMS
     if args.weights == "fp8":
         WEIGHT_BYTES = 1.0
         TPS.insert(0, 1)
+    if args.timing == "roofline":
+        PARAMS = dataclasses.replace(PARAMS, timing="roofline")
+        ROUTER_PARAMS = ROOFLINE_ROUTER_PARAMS
     requests = args.requests or (250 if args.quick else 500)
     steps = 3 if args.quick else 5
     chunks = (2048,) if args.quick else (8192, 2048)
@@ -261,21 +282,30 @@ def main() -> None:
     for gpu in ("H100-SXM", "A100-80GB"):
         if gpu not in prices:
             sys.exit(f"fleet.py: {args.prices} has no price for {gpu}")
-    workload = Workload()
+    workload = Workload(input_tokens=args.input, output_tokens=args.output, ttft_slo_s=args.ttft_slo,
+                        tpot_slo_s=args.tpot_slo)
     profile = model_profile()
     started = time.monotonic()
 
-    print_header(f"fleet goodput: {MODEL} ({args.weights} weights) on simulated GPUs, {requests} requests per run, "
-                 f"seed {args.seed}")
+    print_header(f"fleet goodput: {MODEL} ({args.weights} weights) on simulated GPUs, {args.timing} timing, "
+                 f"{requests} requests per run, seed {args.seed}")
     print("assumptions:")
-    for line in [profile.describe(), workload.describe(), *PARAMS.describe(),
-                 "every roofline step is max(FLOPs / compute, bytes / bandwidth); no fixed per-step overhead",
-                 f"a worker spans {', '.join(map(str, TPS))} GPUs (tensor parallel) at the same tp_efficiency "
-                 "whatever the degree "
-                 "(so TP8 is not penalised against TP4); shapes with KV room for fewer than 16 requests "
-                 "(decoding) or 2 prompts (prefill) are skipped",
-                 "a step that mixes a prefill chunk with decode tokens costs max(FLOPs, bytes) of the sum: decode "
-                 "tokens ride almost free on a compute-bound chunk, which favours aggregated serving",
+    if args.timing == "calibrated":
+        fitted = default_step_params()
+        timing_lines = [
+            "step = overhead + TP all-reduces + max(compute, memory) + interference x min(compute, memory), "
+            "fitted to published measurements (docs/costmodel.md, bench/calibrate_costmodel.py)",
+            *(f"{g}: {fitted.for_gpu(g)}" + ("" if fitted.fitted(g) else " (no published rows: unvalidated)")
+              for g in ("H100-SXM", "A100-80GB")),
+            f"interference {fitted.interference:.2f}: a decode batch sharing a step with a compute-bound prefill "
+            "chunk pays that share of its memory time (0 would be the roofline's free ride)",
+        ]
+    else:
+        timing_lines = ["every step is max(FLOPs / compute, bytes / bandwidth); no per-step overhead, TP efficiency "
+                        "0.9 whatever the degree, decode tokens ride free on a compute-bound prefill chunk"]
+    for line in [profile.describe(), workload.describe(), *PARAMS.describe(), *timing_lines,
+                 f"a worker spans {', '.join(map(str, TPS))} GPUs (tensor parallel); shapes with KV room for fewer "
+                 "than 16 requests (decoding) or 2 prompts (prefill) are skipped",
                  "scheduling: the sim engine's (continuous batching, max 256 sequences, one prompt per step, "
                  "chunked prefill at 'chunk' tokens per step, preemption on KV exhaustion)",
                  "routing: the router's expected-time policy over live loads (no report delay); prompts > 256 tokens "
@@ -295,17 +325,18 @@ def main() -> None:
         return out
 
     h100 = search(fleets("H100-SXM", "H100-SXM", 8, workload, chunks))
-    a100 = search(fleets("A100-80GB", "A100-80GB", 8, workload, chunks))
-    mixed = search(fleets("H100-SXM", "A100-80GB", 8, workload, chunks, exact=False))
+    a100 = [] if args.h100_only else search(fleets("A100-80GB", "A100-80GB", 8, workload, chunks))
+    mixed = [] if args.h100_only else search(fleets("H100-SXM", "A100-80GB", 8, workload, chunks, exact=False))
 
     print("\na. 8 x H100-SXM, aggregated vs disaggregated")
     print(table(HEADERS, _rows(h100, prices)))
-    print("\nb. H100 prefill + A100 decode vs all-H100 and all-A100, per dollar-hour")
-    print(table(HEADERS, _rows(a100 + mixed, prices)))
-    print("\nwhat a real GPU run must confirm: MFU of a 3000-token prefill at TP2/TP4 (0.5 assumed), MBU of "
-          "decode at batch 16-256 (0.7), TP efficiency over NVLink (0.9), per-step overheads (none modelled), "
-          "KV transfer rate and its overlap with decode, and the chunked-prefill interference the aggregated "
-          "numbers rest on (vLLM's max_num_batched_tokens)")
+    if not args.h100_only:
+        print("\nb. H100 prefill + A100 decode vs all-H100 and all-A100, per dollar-hour")
+        print(table(HEADERS, _rows(a100 + mixed, prices)))
+    print("\nwhat a real GPU run must confirm: the fitted step parameters on bf16 weights (the published rows are "
+          "FP8), A100 (no published rows: its parameters are the fitted types' mean), TP4/TP8 all-reduce cost "
+          "(published rows reach TP2), KV transfer rate and its overlap with decode "
+          "(bench/gpu/measure_steps.py writes step rows to refit with)")
     print(f"(simulated in {time.monotonic() - started:.0f} s of CPU time)")
 
     print()
@@ -313,6 +344,9 @@ def main() -> None:
     dis = max((r for r in h100 if r.fleet.name.startswith("disagg")), key=_per_gpu)
     print(f"a. disaggregated / aggregated goodput per GPU (8 x H100): {_per_gpu(dis) / _per_gpu(agg):.2f}x "
           f"({dis.fleet.name} vs {agg.fleet.name}); Dynamo reports 1.30x")
+
+    if args.h100_only:
+        return
 
     def per_dollar(r: Result) -> float:
         return r.goodput / r.fleet.cost(prices)

@@ -59,6 +59,8 @@ class ModelShape:
     kv_bytes_per_token: float = 2 * 32 * 8 * 128 * 2
     # Weight bytes read per decode step, per active parameter.
     bytes_per_param: float = 2.0
+    # Transformer layers (each costs a tensor-parallel all-reduce); 0: estimated from `params`.
+    num_layers: int = 0
 
     def __post_init__(self) -> None:
         if not self.params > 0:

@@ -49,7 +49,7 @@ def shape_from_pb(shape: registry_pb2.ModelShape) -> ModelShape | None:
     usable = math.isfinite(shape.weight_bytes / shape.total_params) if shape.total_params > 0 else False
     per_param = shape.weight_bytes / shape.total_params if usable and shape.weight_bytes > 0 else 2.0
     return ModelShape(params=shape.active_params, kv_bytes_per_token=float(shape.kv_bytes_per_token),
-                      bytes_per_param=per_param)
+                      bytes_per_param=per_param, num_layers=shape.num_layers)
 
 
 def candidate_from_pb(

@@ -37,6 +37,12 @@ class GpuModel:
     memory_type: str = ""
     form: str = ""
     interconnect: str = ""
+    # Dense FP8 tensor-core rate; 0 where the part has no FP8 tensor cores
+    # (FP8 weights then compute at the bf16 rate, dequantized).
+    fp8_tflops: float = 0.0
+    # GPU-to-GPU bandwidth per GPU (GB/s) that tensor-parallel all-reduces
+    # use; 0 where no figure is recorded (the step model then assumes PCIe).
+    link_gbps: float = 0.0
 
     @property
     def bf16_flops(self) -> float:
@@ -51,6 +57,16 @@ class GpuModel:
     def hbm_bytes_per_s(self) -> float:
         return self.hbm_tbps * 1e12
 
+    @property
+    def fp8_flops(self) -> float:
+        """Peak dense FP8 FLOP/s, or the bf16 rate where the part has none."""
+        return self.fp8_tflops * 1e12 if self.fp8_tflops > 0 else self.bf16_flops
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        """GPU-to-GPU bytes/s per GPU; 0 when unknown."""
+        return self.link_gbps * 1e9
+
 
 def normalize_name(name: str) -> str:
     """Case, spaces, dashes and underscores do not matter when matching names."""
@@ -58,6 +74,7 @@ def normalize_name(name: str) -> str:
 
 
 _REQUIRED = ("bf16_tflops", "memory_gb", "hbm_tbps")
+_OPTIONAL_NUMBERS = ("fp8_tflops", "link_gbps")
 
 
 def _parse(data: Mapping[str, Any], source: str) -> dict[str, GpuModel]:
@@ -77,6 +94,12 @@ def _parse(data: Mapping[str, Any], source: str) -> dict[str, GpuModel]:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise CatalogError(f"{source}: gpus.{catalog_id}.{key} must be a positive number, got {value!r}")
             numbers[key] = float(value)
+        for key in _OPTIONAL_NUMBERS:
+            if key in row:
+                value = row[key]
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    raise CatalogError(f"{source}: gpus.{catalog_id}.{key} must be a number >= 0, got {value!r}")
+                numbers[key] = float(value)
         names = row.get("nvml_names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise CatalogError(f"{source}: gpus.{catalog_id}.nvml_names must be a list of strings")

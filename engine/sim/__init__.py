@@ -1,4 +1,4 @@
-"""The sim engine: roofline timing, KV block accounting and a prefix cache, no model math.
+"""The sim engine: calibrated step timing (docs/costmodel.md), KV block accounting and a prefix cache, no model math.
 
 Registered as "sim" (engine.sim:SimEngine). The roofline functions are public
 for the router's expected-time policy and for fleet benchmarks:
@@ -11,6 +11,7 @@ from engine.sim.engine import SimEngine
 from engine.sim.profiles import PROFILES, ModelProfile, get_profile
 from engine.sim.roofline import (
     DEFAULT_PARAMS,
+    ROOFLINE_PARAMS,
     GpuSet,
     RooflineParams,
     StepCost,
@@ -27,6 +28,7 @@ from engine.sim.settings import SimSettings
 __all__ = [
     "DEFAULT_PARAMS",
     "PROFILES",
+    "ROOFLINE_PARAMS",
     "GpuSet",
     "ModelProfile",
     "RooflineParams",

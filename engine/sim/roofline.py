@@ -1,15 +1,24 @@
-"""Roofline timing of prefill and decode: pure functions of GPU, model and work.
+"""Step timing of prefill and decode: pure functions of GPU, model and work.
 
-Every engine step is charged ``max(FLOPs / compute, bytes / bandwidth)``:
+Two timings, chosen by `RooflineParams.timing`:
 
-- compute   = peak bf16 FLOP/s x gpu_count x TP efficiency x MFU
-- bandwidth = HBM bytes/s      x gpu_count x TP efficiency x MBU
-  (TP efficiency applies only when gpu_count > 1: tensor parallelism splits
-  weights and KV evenly, and the all-reduces cost a fraction of each GPU.)
+- "calibrated" (default): the step model of runtime/stepmodel.py with the
+  parameters fitted to published measurements for the GPU type
+  (runtime/data/step_params.toml; docs/costmodel.md): a fixed overhead per
+  step, max(compute, memory) plus the fitted share of the smaller one that
+  the kernels do not hide (prefill-decode interference in a shared step),
+  and tensor-parallel all-reduces over the catalog's link bandwidth. FP8
+  weights (profile dense_weight_bytes 1) compute at the GPU's FP8 rate.
+  `mfu` / `mbu`, when set, override the fitted efficiencies.
+- "roofline": every step is charged ``max(FLOPs / compute, bytes / bandwidth)``
+  with compute = peak bf16 FLOP/s x gpu_count x TP efficiency x MFU and
+  bandwidth = HBM bytes/s x gpu_count x TP efficiency x MBU (TP efficiency
+  only when gpu_count > 1); MFU 0.5 and MBU 0.7 unless set.
 
-A step computes, for each sequence in it, ``n`` new tokens on top of ``c``
-tokens already in the KV cache (prefill: n = prompt tokens not served from
-the prefix cache; decode: n = 1, c = the context so far). With T = sum of n:
+Both count the same work. A step computes, for each sequence in it, ``n``
+new tokens on top of ``c`` tokens already in the KV cache (prefill: n =
+prompt tokens not served from the prefix cache; decode: n = 1, c = the
+context so far). With T = sum of n:
 
 - FLOPs = 2 x active_params x T
         + 4 x layers x heads x head_dim x sum(n x c + n(n+1)/2)
@@ -27,32 +36,39 @@ all for large batches.
 
 KV capacity: ``floor((memory x gpu_count x memory_utilization - weight bytes
 - activation reserve x gpu_count) / (block_size x kv_bytes_per_token))``.
-
-MFU, MBU and the rest are assumptions, parameters with defaults below; the
-figures a real GPU run would calibrate are listed in docs/engines.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 from engine.base import EngineError
 from engine.sim.profiles import ModelProfile
 from runtime.catalog import GpuCatalog, GpuModel, default_catalog
+from runtime.stepmodel import Hardware, ModelDims, StepParams, work_of
+from runtime.stepmodel import step_seconds as model_step_seconds
+from runtime.stepparams import default_step_params
+
+TIMINGS = ("calibrated", "roofline")
+# The plain roofline's efficiencies when none are set.
+ROOFLINE_MFU, ROOFLINE_MBU = 0.5, 0.7
 
 
 @dataclass(frozen=True)
 class RooflineParams:
-    """Efficiency assumptions. Build with `create(...)` to have every range checked."""
+    """Timing assumptions. Build with `create(...)` to have every range checked."""
 
-    # Fraction of peak bf16 FLOP/s the matmuls reach (prefill is compute-bound).
-    mfu: float = 0.5
-    # Fraction of HBM bandwidth the kernels reach (decode is bandwidth-bound).
-    mbu: float = 0.7
-    # Fraction of each GPU left after tensor-parallel all-reduces (gpu_count > 1).
+    # "calibrated" (the fitted step model) or "roofline" (max(FLOPs, bytes) only).
+    timing: str = "calibrated"
+    # Fraction of peak FLOP/s the matmuls reach; None: fitted (calibrated) or 0.5 (roofline).
+    mfu: float | None = None
+    # Fraction of HBM bandwidth the kernels reach; None: fitted (calibrated) or 0.7 (roofline).
+    mbu: float | None = None
+    # Roofline timing only: fraction of each GPU left after tensor-parallel all-reduces.
     tp_efficiency: float = 0.9
     # Fraction of GPU memory the engine may use (vLLM's gpu_memory_utilization).
     memory_utilization: float = 0.9
@@ -60,20 +76,23 @@ class RooflineParams:
     activation_reserve_gb: float = 2.0
 
     _DESCRIPTIONS: ClassVar[dict[str, str]] = {
-        "mfu": "fraction of peak bf16 FLOP/s reached (compute-bound work)",
-        "mbu": "fraction of HBM bandwidth reached (bandwidth-bound work)",
-        "tp_efficiency": "per-GPU efficiency under tensor parallelism (gpu_count > 1)",
+        "timing": "step timing: calibrated step model (docs/costmodel.md) or plain roofline",
+        "mfu": "fraction of peak FLOP/s reached (None: the fitted value per GPU type)",
+        "mbu": "fraction of HBM bandwidth reached (None: the fitted value per GPU type)",
+        "tp_efficiency": "roofline timing only: per-GPU efficiency under tensor parallelism (gpu_count > 1)",
         "memory_utilization": "fraction of GPU memory for weights + KV cache",
         "activation_reserve_gb": "GB per GPU held back for activations",
     }
 
     @classmethod
-    def create(cls, **values: float) -> RooflineParams:
+    def create(cls, **values: float | str | None) -> RooflineParams:
         """Checks every range; EngineError names the field and the allowed range."""
-        params = cls(**values)
+        params = cls(**values)  # type: ignore[arg-type]
+        if params.timing not in TIMINGS:
+            raise EngineError(f"sim timing must be one of {', '.join(TIMINGS)}, got {params.timing!r}")
         for name in ("mfu", "mbu", "tp_efficiency", "memory_utilization"):
             value = getattr(params, name)
-            if not 0.0 < value <= 1.0:
+            if value is not None and not 0.0 < value <= 1.0:
                 raise EngineError(f"sim {name} must be in (0, 1], got {value}")
         if not 0.0 <= params.activation_reserve_gb < math.inf:
             raise EngineError(f"sim activation_reserve_gb must be >= 0, got {params.activation_reserve_gb}")
@@ -83,8 +102,22 @@ class RooflineParams:
         """One line per assumption, for printing next to benchmark results."""
         return [f"{f.name} = {getattr(self, f.name)}: {self._DESCRIPTIONS[f.name]}" for f in fields(self)]
 
+    def step_params(self, gpu_type: str) -> StepParams:
+        """The calibrated step model's parameters for `gpu_type`, with this object's overrides."""
+        return _step_params(self, gpu_type)
+
+
+@functools.lru_cache(maxsize=256)
+def _step_params(params: RooflineParams, gpu_type: str) -> StepParams:
+    # Cached: the fleet simulator times millions of steps.
+    fitted = default_step_params().for_gpu(gpu_type)
+    return replace(fitted, mfu=params.mfu if params.mfu is not None else fitted.mfu,
+                   mbu=params.mbu if params.mbu is not None else fitted.mbu)
+
 
 DEFAULT_PARAMS = RooflineParams()
+# The plain roofline with its historical efficiencies, for comparisons.
+ROOFLINE_PARAMS = RooflineParams(timing="roofline")
 
 
 @dataclass(frozen=True)
@@ -97,13 +130,13 @@ class GpuSet:
     def _scale(self, params: RooflineParams) -> float:
         return self.count * (params.tp_efficiency if self.count > 1 else 1.0)
 
-    def compute_flops(self, params: RooflineParams = DEFAULT_PARAMS) -> float:
-        """Effective FLOP/s: peak x count x TP efficiency x MFU."""
-        return self.gpu.bf16_flops * self._scale(params) * params.mfu
+    def compute_flops(self, params: RooflineParams = ROOFLINE_PARAMS) -> float:
+        """Roofline timing's FLOP/s: peak bf16 x count x TP efficiency x MFU."""
+        return self.gpu.bf16_flops * self._scale(params) * (params.mfu or ROOFLINE_MFU)
 
-    def bandwidth(self, params: RooflineParams = DEFAULT_PARAMS) -> float:
-        """Effective bytes/s: HBM bandwidth x count x TP efficiency x MBU."""
-        return self.gpu.hbm_bytes_per_s * self._scale(params) * params.mbu
+    def bandwidth(self, params: RooflineParams = ROOFLINE_PARAMS) -> float:
+        """Roofline timing's bytes/s: HBM bandwidth x count x TP efficiency x MBU."""
+        return self.gpu.hbm_bytes_per_s * self._scale(params) * (params.mbu or ROOFLINE_MBU)
 
     @property
     def memory_bytes(self) -> float:
@@ -164,14 +197,39 @@ def step_cost(profile: ModelProfile, work: Iterable[tuple[int, int]]) -> StepCos
     return StepCost(flops, nbytes)
 
 
+@functools.cache
+def model_dims(profile: ModelProfile) -> ModelDims:
+    """The step model's view of a profile (weight bytes: a one-token step's read)."""
+    return ModelDims(
+        active_params=profile.active_params,
+        weight_bytes=weight_bytes_touched(profile, 1),
+        kv_bytes_per_token=profile.kv_bytes_per_token,
+        num_layers=profile.num_layers,
+        hidden_size=profile.hidden_size,
+        attention_flops_per_pair=4.0 * profile.num_layers * profile.num_heads * profile.head_dim,
+    )
+
+
+def hardware(gpus: GpuSet, profile: ModelProfile) -> Hardware:
+    """The step model's rates; dense weights of 1 byte are FP8 and compute at the FP8 rate."""
+    return Hardware(gpus.gpu, gpus.count, fp8=profile.dense_weight_bytes <= 1.0)
+
+
 def step_seconds(
     gpus: GpuSet, profile: ModelProfile, work: Iterable[tuple[int, int]], params: RooflineParams = DEFAULT_PARAMS
 ) -> float:
-    """Seconds of one step: max(FLOPs / compute, bytes / bandwidth); 0 for no work."""
-    cost = step_cost(profile, work)
-    if cost.flops == 0.0:
+    """Seconds of one step (module docstring: calibrated or roofline timing); 0 for no work."""
+    if params.timing == "roofline":
+        cost = step_cost(profile, work)
+        if cost.flops == 0.0:
+            return 0.0
+        return max(cost.flops / gpus.compute_flops(params), cost.bytes / gpus.bandwidth(params))
+    work = list(work)
+    tokens = sum(new for new, _ in work)
+    if tokens <= 0:
         return 0.0
-    return max(cost.flops / gpus.compute_flops(params), cost.bytes / gpus.bandwidth(params))
+    step = work_of(model_dims(profile), work, weight_bytes_touched(profile, tokens))
+    return model_step_seconds(step, hardware(gpus, profile), params.step_params(gpus.gpu.catalog_id))
 
 
 def prefill_seconds(

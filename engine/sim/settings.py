@@ -42,11 +42,14 @@ class SimSettings:
         """Parses the "sim_*" keys of `extra`; EngineError names a bad key or value and the allowed range."""
         floats = {name: f"sim_{name}" for name in ("mfu", "mbu", "tp_efficiency", "memory_utilization",
                                                    "activation_reserve_gb")}
-        known = {*floats.values(), "sim_max_step_tokens", "sim_eos_rate", "sim_kv_bytes"}
+        known = {*floats.values(), "sim_timing", "sim_max_step_tokens", "sim_eos_rate", "sim_kv_bytes"}
         unknown = sorted(k for k in extra if k.startswith("sim_") and k not in known)
         if unknown:
             raise EngineError(f"unknown sim setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
-        roofline_values = {name: _parse(extra, key, float) for name, key in floats.items() if key in extra}
+        roofline_values: dict[str, float | str | None] = {
+            name: _parse(extra, key, float) for name, key in floats.items() if key in extra}
+        if "sim_timing" in extra:
+            roofline_values["timing"] = extra["sim_timing"]
         try:
             roofline = RooflineParams.create(**roofline_values)
         except EngineError as exc:

@@ -48,7 +48,8 @@ def test_the_published_shape_reaches_the_candidate() -> None:
     profile = get_profile(LARGE)
     shape = fleet().candidates(LARGE)[0].shape
     assert shape == ModelShape(params=profile.active_params, kv_bytes_per_token=profile.kv_bytes_per_token,
-                               bytes_per_param=profile.weight_bytes / profile.total_params)
+                               bytes_per_param=profile.weight_bytes / profile.total_params,
+                               num_layers=profile.num_layers)
     record = registry_pb2.WorkerRecord(worker_id="old", role=common_pb2.ROLE_DECODE, model="m", endpoint="x:1")
     old = candidate_from_pb(record)
     assert old is not None and old.shape is None, "a record without a shape (an older worker) has none"
