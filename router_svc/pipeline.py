@@ -61,6 +61,7 @@ from router_svc.request_events import (
 from router_svc.request_fsm import Phase, RequestLife
 from router_svc.stall import StallWatch, Watched
 from runtime.channels import ChannelPool
+from runtime.peers import peer_identity
 from runtime.sampling import Sampling, finish_reason_from_proto, sampling_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -208,9 +209,11 @@ class Pipeline:
         if action.wait_s > 0:
             await self.view.wait_changed(action.wait_s)
         now = self.clock()
+        # The prompt's cached prefix per worker, from the workers' KV events (for policies that price it).
+        cached = self.view.cached_prefix(job.model, job.prompt) if self.policy.uses_prefix_cache else None
         request = RouteRequest(model=job.model, prompt_tokens=len(job.prompt) + action.produced,
                                max_tokens=max(1, job.sampling.max_tokens - action.produced),
-                               exclude=action.exclude, allow_remote_prefill=not action.local)
+                               exclude=action.exclude, allow_remote_prefill=not action.local, cached=cached)
         fleet = self.view.fleet()
         suspects = self.suspects.active(now) - action.exclude
         try:
@@ -231,7 +234,7 @@ class Pipeline:
 
     async def _prefill(self, job: Job, sampling: common_pb2.SamplingParams,
                        action: CallPrefill) -> PrefillAnswered | PrefillFailed:
-        stub = worker_pb2_grpc.PrefillStub(self.channels.get(action.worker.endpoint))
+        stub = worker_pb2_grpc.PrefillStub(self.channels.get(action.worker.endpoint, _identity(action.worker)))
         try:
             reply = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=job.request_id, model=job.model, prompt_token_ids=job.prompt, sampling=sampling,
@@ -257,7 +260,7 @@ class Pipeline:
             assert isinstance(action.handle.message, common_pb2.KvHandle) and action.first_token is not None
             request.handle.CopyFrom(action.handle.message)
             request.first_token_id = action.first_token
-        stub = worker_pb2_grpc.DecodeStub(self.channels.get(action.worker.endpoint))
+        stub = worker_pb2_grpc.DecodeStub(self.channels.get(action.worker.endpoint, _identity(action.worker)))
         return stub.Decode(request, timeout=action.timeout_s)
 
     async def _read_step(self, call: grpc.aio.UnaryStreamCall, watched: Watched,
@@ -281,12 +284,14 @@ class Pipeline:
                              finish_reason_from_proto(step.finish_reason) if step.finish_reason else "",
                              kv_transfer_ms=step.kv_transfer_ms, prefill_ms=step.prefill_ms)
 
-    @staticmethod
-    def _failure_code(exc: grpc.aio.AioRpcError, worker: Worker) -> Code:
+    def _failure_code(self, exc: grpc.aio.AioRpcError, worker: Worker) -> Code:
         """The failed call's status for the machine; a call cancelled because our task is cancelled re-raises."""
         code = exc.code()
         if code == grpc.StatusCode.CANCELLED and _cancelled_here():
             raise asyncio.CancelledError()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # A worker whose certificate does not name its record: counted, and a suspect like any UNAVAILABLE.
+            self.channels.note_failure(worker.endpoint, _identity(worker), exc.details() or "")
         if Code(code.name) not in CLIENT_ERRORS:
             log.warning("worker call failed", extra={"worker_id": worker.worker_id, "code": code.name,
                                                      "details": exc.details()})
@@ -327,7 +332,12 @@ class Pipeline:
 
 
 def _worker(candidate: Candidate) -> Worker:
-    return Worker(candidate.worker_id, candidate.endpoint, candidate.host, candidate.kv_transports)
+    return Worker(candidate.worker_id, candidate.endpoint, candidate.host, candidate.kv_transports, candidate.node)
+
+
+def _identity(worker: Worker) -> str:
+    """The name the worker's certificate must carry (checked when --peer-verify-identity is on)."""
+    return peer_identity(worker.worker_id, worker.node)
 
 
 def _transports_for(preference: tuple[str, ...], consumer: tuple[str, ...]) -> list[str]:

@@ -8,10 +8,18 @@ from collections.abc import Callable
 from router_svc.baseline_policies import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 from router_svc.candidates import FleetView
 from router_svc.costmodel import CostModel
-from router_svc.policy import Decision, ExpectedTimePolicy, Policy, PolicyConfig, RouteRequest
+from router_svc.policy import (
+    Decision,
+    ExpectedTimePolicy,
+    Policy,
+    PolicyConfig,
+    PrefixBlindExpectedTimePolicy,
+    RouteRequest,
+)
 
 _POLICIES: dict[str, Callable[..., Policy]] = {
-    cls.name: cls for cls in (ExpectedTimePolicy, LeastLoadedPolicy, RoundRobinPolicy, RandomPolicy)
+    cls.name: cls for cls in (ExpectedTimePolicy, PrefixBlindExpectedTimePolicy, LeastLoadedPolicy, RoundRobinPolicy,
+                              RandomPolicy)
 }
 DEFAULT_POLICY = ExpectedTimePolicy.name
 

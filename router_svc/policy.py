@@ -26,6 +26,18 @@ Every policy shares one frame:
    equally good workers it draws one with its rng (seeded: reproducible),
    never the lowest id, which would herd a burst onto one worker.
 
+Prefix caches: when the router's prefix index knows how much of the prompt
+each worker holds (`RouteRequest.cached`, router_svc.prefix_index), a
+policy that uses it (`uses_prefix_cache`) prices only the uncached part of
+the prompt as prefill work on each candidate, and the workers holding the
+longest prefix (`PolicyConfig.prefix_holders` per role) are visited on top
+of the sample, so sampling never hides a cache hit. The decision between a
+local and a remote prefill then uses the prompt's effective length: a long
+prompt whose uncached rest on some eligible decode worker is short enough is
+prefilled there ("prefix-cached"). Load still counts, so a worker holding a
+popular prefix is not flooded: once its queue costs more than the prefix
+saves, the next best worker wins (and caches the prefix too).
+
 The request is priced with its model's shape as the model's workers publish
 it (`RouteRequest.shape` overrides; `PolicyConfig.default_shape` when none
 does). Each decision is noted in the policy's `InflightLedger`, and every
@@ -43,6 +55,7 @@ O(candidates of the model) otherwise; no pairwise scoring.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -52,11 +65,13 @@ from typing import ClassVar
 from router_svc.candidates import Candidate, FleetView, ModelPool
 from router_svc.costmodel import CostModel, ModelShape, blocks_needed
 from router_svc.inflight import Assignment, InflightLedger
+from router_svc.prefix_index import CachedPrefix
 
 REASON_SHORT_PROMPT = "short-prompt"
 REASON_NO_PREFILL = "no-prefill-worker"
 REASON_PREFILL_SATURATED = "prefill-saturated"
 REASON_LOCAL_REQUIRED = "local-required"
+REASON_PREFIX_CACHED = "prefix-cached"
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,9 @@ class RouteRequest:
     # Keep this decode worker if it is still eligible (retrying only the prefill).
     decode_worker_id: str = ""
     allow_remote_prefill: bool = True
+    # Prompt tokens each worker holds in its prefix cache (the router's prefix index); None: unknown, and
+    # the cost model falls back on each worker's lifetime hit rate.
+    cached: CachedPrefix | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,9 @@ class PolicyConfig:
     # fleet, and a decision costs the same at 10 workers or 10,000: about
     # 80 us p50 against 3 ms for all of 1000 (bench/registry_scale.py).
     sample_size: int = 8
+    # Workers of each role holding the longest cached prefix of the prompt that a decision visits
+    # on top of the sample (prefix-aware policies only).
+    prefix_holders: int = 4
 
 
 @dataclass
@@ -181,6 +202,8 @@ class Policy(abc.ABC):
     """
 
     name: ClassVar[str]
+    # Whether the policy reads RouteRequest.cached (the router looks prefixes up only for those that do).
+    uses_prefix_cache: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -204,6 +227,10 @@ class Policy(abc.ABC):
         shape = request.shape or pool.shape or self.config.default_shape
 
         local_reason = self._local_reason(request)
+        if not local_reason:
+            short = self._short_uncached(pools.decode, request)
+            if short:
+                local_reason, pools.decode = REASON_PREFIX_CACHED, short
         if not local_reason:
             self._eligible_prefillers(pools, request, pool, now)
             if not pools.prefill:
@@ -279,7 +306,8 @@ class Policy(abc.ABC):
                 pools.decode.append(kept)
                 return  # kept while eligible: no other decoder is looked at
         limit = self._sample_limit()
-        visited = self.visit_order(pool.decoders, "decode", request, limit)
+        visited = self._with_holders(self.visit_order(pool.decoders, "decode", request, limit), pool, request,
+                                     prefill=False)
         for listed in visited:
             c = self.inflight.apply(listed, now)
             if not self._ineligible(c, request)[0]:
@@ -298,23 +326,65 @@ class Policy(abc.ABC):
                 if not self._ineligible(c, request)[0]:
                     (pools.saturated if self._saturated(c) else pools.prefill).append(c)
 
-        visited = self.visit_order(pool.prefillers, "prefill", request, self._sample_limit())
+        visited = self._with_holders(self.visit_order(pool.prefillers, "prefill", request, self._sample_limit()),
+                                     pool, request, prefill=True)
         visit(visited)
         if not pools.prefill and len(visited) < len(pool.prefillers):
             pools.saturated.clear()
             visit(self.visit_order(pool.prefillers, "prefill", request, None))
 
+    def _with_holders(self, visited: Sequence[Candidate], pool: ModelPool, request: RouteRequest, *,
+                      prefill: bool) -> Sequence[Candidate]:
+        """`visited` plus the routable workers of the role holding the longest prefix of the prompt."""
+        cached, limit = request.cached, self.config.prefix_holders
+        if cached is None or limit <= 0 or not self.uses_prefix_cache:
+            return visited
+        seen = {c.worker_id for c in visited}
+        members = pool.prefillers if prefill else pool.decoders
+        if len(seen) >= len(members):
+            return visited
+
+        def accept(worker_id: str) -> bool:
+            c = pool.by_id.get(worker_id)
+            return (worker_id not in seen and c is not None and c.routable
+                    and (c.role.prefills_for_others if prefill else c.role.decodes))
+
+        extra = [pool.by_id[w] for w, _ in cached.best(limit, prefill=prefill, accept=accept)]
+        return [*visited, *extra] if extra else visited
+
+    def uncached_tokens(self, c: Candidate, request: RouteRequest) -> int:
+        """Prompt tokens `c` must compute: all of them, less what its prefix cache holds when that is known."""
+        if request.cached is None or not self.uses_prefix_cache:
+            return request.prompt_tokens
+        return max(1, request.prompt_tokens - request.cached.tokens(c.worker_id))
+
+    def _short_uncached(self, decoders: list[Candidate], request: RouteRequest) -> list[Candidate]:
+        """The eligible decoders on which the prompt's uncached rest is short enough to prefill locally."""
+        if request.cached is None or not self.uses_prefix_cache:
+            return []
+        limit = self.config.local_prefill_max_prompt_tokens
+        return [c for c in decoders if self.uncached_tokens(c, request) <= limit]
+
+    def _priced(self, c: Candidate, request: RouteRequest) -> Candidate:
+        """`c` as the cost model should price it: where the index knows its cache, without its lifetime hit
+        rate (the cost model would take that share off the uncached rest a second time)."""
+        load = c.load
+        if request.cached is None or load is None or not load.prefix_cache_hit_rate:
+            return c
+        return c.with_load(dataclasses.replace(load, prefix_cache_hit_rate=0.0))
+
     def _note(self, decision: Decision, request: RouteRequest, now: float, *, decode_noted: bool) -> None:
         """Notes the decision's work in the in-flight ledger, where each worker will see it start."""
         prompt, prefill, estimates = request.prompt_tokens, decision.prefill, decision.estimates
         if prefill is not None:
-            self.inflight.add(prefill.worker_id, Assignment(now, queued_tokens=prompt, kv_tokens=prompt))
+            self.inflight.add(prefill.worker_id, Assignment(
+                now, queued_tokens=self.uncached_tokens(prefill, request), kv_tokens=prompt))
         if decode_noted:
             return  # retrying only the prefill: the decode worker has it noted already
         # A remote prefill's decode worker sees the request once the prompt is prefilled and moved.
         lead = 0.0 if prefill is None else min(estimates.ttft_s + estimates.kv_transfer_s, self.inflight.hold_s)
         self.inflight.add(decision.decode.worker_id, Assignment(
-            now + lead, queued_tokens=prompt if prefill is None else 0,
+            now + lead, queued_tokens=self.uncached_tokens(decision.decode, request) if prefill is None else 0,
             kv_tokens=prompt + request.max_tokens // 2, sequences=1))
 
     def pick_least(self, pool: Sequence[Candidate], score: Callable[[Candidate], float]) -> Candidate:
@@ -373,7 +443,14 @@ class Policy(abc.ABC):
         return 0.0
 
     def prefill_cost_s(self, c: Candidate, request: RouteRequest, shape: ModelShape) -> float:
-        return self.cost.prefill_queue_s(c, shape) + self.cost.prefill_s(c, request.prompt_tokens, shape)
+        """Queued prompt work plus this prompt's (its uncached part, when the index knows)."""
+        return self.cost.prefill_queue_s(c, shape) + self.prefill_s(c, request, shape)
+
+    def prefill_s(self, c: Candidate, request: RouteRequest, shape: ModelShape) -> float:
+        """This prompt's prefill on `c` once at the head of its queue."""
+        if request.cached is None or not self.uses_prefix_cache:
+            return self.cost.prefill_s(c, request.prompt_tokens, shape)
+        return self.cost.prefill_s(self._priced(c, request), self.uncached_tokens(c, request), shape)
 
     def decode_cost_s(self, c: Candidate, request: RouteRequest, shape: ModelShape) -> float:
         itl = self.cost.inter_token_s(c, shape, request.prompt_tokens, request.max_tokens)
@@ -389,14 +466,16 @@ class Policy(abc.ABC):
         transfer = 0.0
         if prefill is not None:
             transfer = cost.kv_transfer_s(request.prompt_tokens, shape, _same_host(prefill, decode))
+        known = request.cached is not None and self.uses_prefix_cache
         return Estimates(
             prefill_queue_s=cost.prefill_queue_s(on, shape),
-            prefill_s=cost.prefill_s(on, request.prompt_tokens, shape),
+            prefill_s=self.prefill_s(on, request, shape),
             kv_transfer_s=transfer,
             decode_queue_s=0.0 if prefill is None else cost.prefill_queue_s(decode, shape),
             inter_token_s=itl,
             decode_s=request.max_tokens * itl,
-            prefix_hit_tokens=cost.prefix_hit_tokens(on, request.prompt_tokens),
+            prefix_hit_tokens=(request.prompt_tokens - self.uncached_tokens(on, request) if known
+                               else cost.prefix_hit_tokens(on, request.prompt_tokens)),
         )
 
 
@@ -405,9 +484,10 @@ def _same_host(a: Candidate, b: Candidate) -> bool:
 
 
 class ExpectedTimePolicy(Policy):
-    """Least expected completion time, GPU-type aware (see router_svc.costmodel)."""
+    """Least expected completion time, GPU-type and prefix-cache aware (see router_svc.costmodel)."""
 
     name = "expected-time"
+    uses_prefix_cache = True
 
     def pick_decode(
         self, pool: Sequence[Candidate], request: RouteRequest, shape: ModelShape, now: float, *, local: bool
@@ -415,7 +495,7 @@ class ExpectedTimePolicy(Policy):
         def score(c: Candidate) -> float:
             s = self.decode_cost_s(c, request, shape) + self.stale_penalty_s(c, now)
             if local:
-                s += self.cost.prefill_s(c, request.prompt_tokens, shape)
+                s += self.prefill_s(c, request, shape)
             return s
 
         return self.pick_least(pool, score)
@@ -428,3 +508,11 @@ class ExpectedTimePolicy(Policy):
             return self.prefill_cost_s(p, request, shape) + transfer + self.stale_penalty_s(p, now)
 
         return self.pick_least(pool, score)
+
+
+class PrefixBlindExpectedTimePolicy(ExpectedTimePolicy):
+    """Expected time as before the prefix index: every prompt token counts as prefill work, less each
+    worker's lifetime hit rate. For comparison (bench/prefix_routing.py) and as a fallback."""
+
+    name = "expected-time-prefix-blind"
+    uses_prefix_cache = False

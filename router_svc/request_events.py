@@ -50,6 +50,8 @@ class Worker:
     host: str = ""
     # The KV transports it accepts as a decode worker (from its record); empty: unknown.
     kv_transports: tuple[str, ...] = ()
+    # The node its record names (its certificate identity is derived from worker_id and node).
+    node: str = ""
 
 
 @dataclass(frozen=True)

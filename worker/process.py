@@ -135,7 +135,7 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
                                       model=engine.model_name))
     role.mount(ctx, service.server)
     worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role)),
+        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role), engine.kv_events),
                            min_interval_ms=settings.min_load_interval_ms,
                            max_watchers=settings.max_load_watchers), service.server)
 

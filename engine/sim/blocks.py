@@ -9,6 +9,11 @@ not freed but kept as *evictable*: a later prompt with the same prefix takes
 it back instead of recomputing. Fresh blocks come from the free list first,
 then from the least recently released evictable block.
 
+Block hashes are runtime.prefix_hash's, the ones routers look up: every
+block that becomes reusable and every one evicted is an event in the
+manager's `events` log (engine.kv_events), which workers publish on their
+load stream.
+
 Not thread-safe: one event loop owns a manager.
 """
 
@@ -18,10 +23,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# Root of every hash chain. Tuples of ints hash the same in every process
-# (PYTHONHASHSEED only salts str and bytes), and a collision of these 64-bit
-# hashes would only mis-time a simulated prefill.
-_ROOT_HASH = 0x2545F4914F6CDD1D
+from engine.kv_events import DEFAULT_CAPACITY, KvEventLog
+from runtime.prefix_hash import ROOT_HASH, chain, iter_block_hashes, prefix_blocks
 
 
 @dataclass(eq=False)
@@ -35,7 +38,7 @@ class BlockTable:
 class BlockManager:
     """`num_blocks` blocks of `block_size` tokens, shared by every sequence of one engine."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, event_capacity: int = DEFAULT_CAPACITY) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
@@ -48,6 +51,7 @@ class BlockManager:
         self._block_of: dict[int, int] = {}
         self._lookup_tokens = 0
         self._hit_tokens = 0
+        self.events = KvEventLog(block_size, self._block_of.keys, capacity=event_capacity)
 
     # -- capacity ---------------------------------------------------------
 
@@ -71,19 +75,10 @@ class BlockManager:
 
     # -- prefix cache -----------------------------------------------------
 
-    def _chain(self, tokens: Sequence[int], max_blocks: int) -> list[int]:
-        hashes = []
-        parent = _ROOT_HASH
-        bs = self.block_size
-        for i in range(max_blocks):
-            parent = hash((parent, tuple(tokens[i * bs : (i + 1) * bs])))
-            hashes.append(parent)
-        return hashes
-
     def cached_prefix_tokens(self, tokens: Sequence[int]) -> int:
         """Tokens of `tokens` whose KV a `share_prefix` would find now (whole blocks; never all tokens)."""
         count = 0
-        for h in self._chain(tokens, (len(tokens) - 1) // self.block_size):
+        for h in iter_block_hashes(tokens, self.block_size, prefix_blocks(len(tokens), self.block_size)):
             if h not in self._block_of:
                 break
             count += 1
@@ -97,7 +92,7 @@ class BlockManager:
         toward `hit_rate` (see `record_lookup`).
         """
         assert not table.blocks, "share_prefix needs an empty table"
-        for h in self._chain(tokens, (len(tokens) - 1) // self.block_size):
+        for h in iter_block_hashes(tokens, self.block_size, prefix_blocks(len(tokens), self.block_size)):
             block = self._block_of.get(h)
             if block is None:
                 break
@@ -117,9 +112,9 @@ class BlockManager:
         if full <= len(table.hashes):
             return
         bs = self.block_size
-        parent = table.hashes[-1] if table.hashes else _ROOT_HASH
+        parent = table.hashes[-1] if table.hashes else ROOT_HASH
         for i in range(len(table.hashes), full):
-            parent = hash((parent, tuple(tokens[i * bs : (i + 1) * bs])))
+            parent = chain(parent, tokens[i * bs : (i + 1) * bs])
             table.hashes.append(parent)
             block = table.blocks[i]
             # Two sequences may compute the same prefix at once: the first
@@ -127,6 +122,7 @@ class BlockManager:
             if parent not in self._block_of and block not in self._hash_of:
                 self._block_of[parent] = block
                 self._hash_of[block] = parent
+                self.events.stored(parent)
 
     @property
     def hit_rate(self) -> float:
@@ -147,7 +143,9 @@ class BlockManager:
                 block = self._free.pop()
             else:
                 block, _ = self._evictable.popitem(last=False)
-                del self._block_of[self._hash_of.pop(block)]
+                evicted = self._hash_of.pop(block)
+                del self._block_of[evicted]
+                self.events.removed(evicted)
             self._refs[block] = 1
             table.blocks.append(block)
         return True

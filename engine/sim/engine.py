@@ -41,6 +41,7 @@ from engine.base import (
     Sampling,
 )
 from engine.byte_tokenizer import ByteTokenizer
+from engine.kv_events import KvEventLog
 from engine.sim.blocks import BlockManager
 from engine.sim.profiles import ModelProfile, get_profile
 from engine.sim.roofline import GpuSet, gpu_set, kv_capacity_blocks, step_seconds
@@ -178,6 +179,10 @@ class SimEngine(Engine):
     def max_context_tokens(self) -> int:
         self._check_started()
         return self._max_context
+
+    def kv_events(self) -> KvEventLog | None:
+        """The prefix cache's events (runtime.prefix_hash hashes of kv_block_size-token blocks); None before start()."""
+        return self._blocks.events if self._started else None
 
     def describe(self) -> list[str]:
         """Model, GPUs and every assumption, one per line, for benchmark output."""

@@ -57,6 +57,9 @@ class Scheduler:
         self._ready: deque[Sequence] = deque()
         self._prefill_queue: deque[Sequence] = deque()
         self._active: Sequence | None = None
+        # Prompt tokens of each queued sequence its prefix cache held when it was queued: the load report
+        # counts only the rest as queued work (an estimate: the cache may change before it is the head).
+        self._expected_hits: dict[Sequence, int] = {}
 
     # -- admission --------------------------------------------------------
 
@@ -65,6 +68,8 @@ class Scheduler:
         seq.state = State.WAITING
         ready = seq.pending == 1 and seq.num_computed > 0
         (self._ready if ready else self._prefill_queue).append(seq)
+        if not ready and not seq.table.blocks:
+            self._expected_hits[seq] = self.blocks.cached_prefix_tokens(seq.tokens)
 
     def abort(self, seq: Sequence) -> None:
         """Removes `seq` wherever it is and releases its blocks. Safe to call twice."""
@@ -78,6 +83,7 @@ class Scheduler:
             self._prefill_queue.remove(seq)
         if self._active is seq:
             self._active = None
+        self._expected_hits.pop(seq, None)
         self.blocks.release(seq.table)
         seq.state = State.DONE
 
@@ -85,9 +91,11 @@ class Scheduler:
 
     @property
     def queued_prefill_tokens(self) -> int:
-        """Tokens still to prefill: the queue plus the rest of the prompt in progress."""
+        """Tokens still to prefill: the queue (less what the prefix cache held when each was queued) plus
+        the rest of the prompt in progress."""
         active = self._active.pending if self._active is not None else 0
-        return active + sum(seq.pending for seq in self._prefill_queue)
+        hits = self._expected_hits
+        return active + sum(max(0, seq.pending - hits.get(seq, 0)) for seq in self._prefill_queue)
 
     @property
     def num_waiting(self) -> int:
@@ -146,6 +154,7 @@ class Scheduler:
                 seq.cached_tokens = seq.num_computed
             seq.count_prefix_hit = False
             self._prefill_queue.popleft()
+            self._expected_hits.pop(seq, None)
             self._start(seq, now)
             seq.prefill_started_at = now
             self._active = seq

@@ -125,5 +125,6 @@ def test_bad_options_fail_before_anything_starts(tmp_path: Path) -> None:
         [sys.executable, "-m", "controlplane.cli", "up", "--engine", "tensorrt", "--admin-listen", "7070",
          "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "--engine must be one of torch, sim, vllm" in result.stderr and "--admin-listen expects host:port" in result.stderr
+    assert "--engine must be one of torch, sim, vllm" in result.stderr
+    assert "--admin-listen expects host:port" in result.stderr
     assert not state_dir.exists(), "nothing may start (or be written) when an option is wrong"

@@ -347,7 +347,7 @@ def test_random_is_reproducible_with_a_seed_and_spreads_load() -> None:
 def test_unknown_policy_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'; known: expected-time"):
         create_policy("fastest")
-    assert policy_names() == ["expected-time", "least-loaded", "random", "round-robin"]
+    assert policy_names() == ["expected-time", "expected-time-prefix-blind", "least-loaded", "random", "round-robin"]
 
 
 def test_unknown_gpu_type_is_treated_as_a_modest_gpu() -> None:

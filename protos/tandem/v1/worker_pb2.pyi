@@ -302,19 +302,25 @@ class WatchLoadRequest(_message.Message):
 
     MIN_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     MAX_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_FIELD_NUMBER: _builtins.int
     min_interval_ms: _builtins.int
     """0 means the worker's default (50 ms)."""
     max_interval_ms: _builtins.int
     """0 means the worker's default (1000 ms)."""
+    kv_events: _builtins.bool
+    """Ask for the worker's prefix-cache events (LoadReport.kv_events): a
+    snapshot in the first report, then what changed since the report before.
+    """
     def __init__(
         self,
         *,
         min_interval_ms: _builtins.int = ...,
         max_interval_ms: _builtins.int = ...,
+        kv_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_interval_ms", b"max_interval_ms", "min_interval_ms", b"min_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_events", b"kv_events", "max_interval_ms", b"max_interval_ms", "min_interval_ms", b"min_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,12 +330,17 @@ Global___WatchLoadRequest: _TypeAlias = WatchLoadRequest  # noqa: Y015
 class GetLoadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    KV_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    kv_snapshot: _builtins.bool
+    """Include a snapshot of the prefix cache (LoadReport.kv_events)."""
     def __init__(
         self,
+        *,
+        kv_snapshot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_snapshot", b"kv_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -353,6 +364,7 @@ class LoadReport(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _common_pb2.Role.ValueType
     sequence: _builtins.int
@@ -375,6 +387,12 @@ class LoadReport(_message.Message):
     max_batch_size: _builtins.int
     prefix_cache_hit_rate: _builtins.float
     """Prefix-cache hit rate over the worker's lifetime, 0..1."""
+    @_builtins.property
+    def kv_events(self) -> Global___KvEvents:
+        """Prefix-cache events, when asked for and the engine has a prefix cache
+        (absent otherwise, and in reports with nothing new to say).
+        """
+
     def __init__(
         self,
         *,
@@ -392,11 +410,64 @@ class LoadReport(_message.Message):
         draining: _builtins.bool = ...,
         max_batch_size: _builtins.int = ...,
         prefix_cache_hit_rate: _builtins.float = ...,
+        kv_events: Global___KvEvents | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kv_events", b"kv_events"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "active_sequences", b"active_sequences", "at_unix_ms", b"at_unix_ms", "draining", b"draining", "kv_block_size_tokens", b"kv_block_size_tokens", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "max_batch_size", b"max_batch_size", "open_kv_handles", b"open_kv_handles", "prefix_cache_hit_rate", b"prefix_cache_hit_rate", "queued_prefill_tokens", b"queued_prefill_tokens", "role", b"role", "sequence", b"sequence", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "active_sequences", b"active_sequences", "at_unix_ms", b"at_unix_ms", "draining", b"draining", "kv_block_size_tokens", b"kv_block_size_tokens", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "kv_events", b"kv_events", "max_batch_size", b"max_batch_size", "open_kv_handles", b"open_kv_handles", "prefix_cache_hit_rate", b"prefix_cache_hit_rate", "queued_prefill_tokens", b"queued_prefill_tokens", "role", b"role", "sequence", b"sequence", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadReport: _TypeAlias = LoadReport  # noqa: Y015
+
+@_typing.final
+class KvEvents(_message.Message):
+    """Block hashes a worker's prefix cache stored and evicted. Each hash names a
+    whole prefix of block_size-token blocks (the chained blake2b hash defined in
+    runtime/prefix_hash.py). Events are numbered 1, 2, ... per worker process.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    SINCE_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    block_size: _builtins.int
+    """Tokens per block the hashes cover."""
+    snapshot: _builtins.bool
+    """True: `stored` is every block the cache holds as of last_seq and
+    replaces what the reader knew (the first report of a stream, or a
+    reader that fell behind the worker's bounded event log).
+    """
+    since_seq: _builtins.int
+    """A delta covers the events after since_seq up to last_seq: a reader that
+    last saw another sequence number than since_seq missed events and must
+    resubscribe (a new stream starts with a snapshot).
+    """
+    last_seq: _builtins.int
+    @_builtins.property
+    def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Net change over the window; a hash is in at most one of the two lists."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        block_size: _builtins.int = ...,
+        snapshot: _builtins.bool = ...,
+        since_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        stored: _abc.Iterable[_builtins.int] | None = ...,
+        removed: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "last_seq", b"last_seq", "removed", b"removed", "since_seq", b"since_seq", "snapshot", b"snapshot", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvEvents: _TypeAlias = KvEvents  # noqa: Y015
