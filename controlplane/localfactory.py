@@ -13,6 +13,13 @@ then etcd; setting `hurry` (a second Ctrl-C) skips the grace. The state file
 (`up.json` in the state directory) lists every endpoint, metrics endpoint
 and PID; it is rewritten as each process starts ("status": "starting") and
 once all serve ("status": "up"), for scripts and tests.
+
+`secure` (`tandemctl up --secure`) runs it as docs/security.md describes:
+certificates in {state_dir}/pki, etcd with TLS and auth (each process logs
+in with its own certificate and may write only its own keys), mutual TLS
+on every gRPC hop, and routers and decode workers that check each worker's
+certificate names the worker its registry record describes
+(controlplane.securemode).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,17 +38,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from controlplane.etcd_server import EtcdServer, EtcdStartError
+from controlplane.securemode import SecureFleet
 from controlplane.simulated_gpus import simulated_gpus
 from controlplane.supervisor import ManagedProcess, ProcessStartError, StartAborted
+from registry.etcd_auth import WorkerIdentity
 from runtime.catalog import GpuCatalog, default_catalog
-from runtime.peers import default_node_name
+from runtime.peers import PeerTls, default_node_name
 
 # Share of a simulated fleet's GPUs that prefill: prompt work is heavy per
 # request but short; most GPUs decode. 1/3 is a common starting ratio.
 PREFILL_SHARE = 1 / 3
 # The sim engine models a GPU; without --fleet each sim worker gets one of these.
 DEFAULT_SIM_GPU = "H100-SXM"
-ENGINES = ("torch", "sim")
+ENGINES = ("torch", "sim", "vllm")
 
 
 @dataclass(frozen=True)
@@ -117,19 +127,23 @@ def check_options(options: FactoryOptions) -> list[str]:
             plan_workers(options.engine, options.fleet, options.prefill, options.decode, options.node)
         except ValueError as exc:
             problems.append(str(exc))
-    for flag, value in (("--router-listen", options.router_listen), ("--admin-listen", options.admin_listen)):
+    for flag, value in (("--router-listen", options.router_listen), ("--admin-listen", options.admin_listen),
+                        *((("--http-listen", options.http_listen),) if options.http_listen else ())):
         problems.append(_address_problem(flag, value))
     for endpoint in filter(None, options.etcd.split(",")):
         problems.append(_address_problem("--etcd", endpoint.strip().removeprefix("http://")))
     if options.router_listen == options.admin_listen and not options.router_listen.endswith(":0"):
         problems.append(f"--router-listen and --admin-listen are both {options.router_listen}")
+    if options.secure and options.etcd:
+        problems.append("--secure starts its own etcd with TLS and auth; it cannot take --etcd")
     return [p for p in problems if p]
 
 
 def busy_ports(options: FactoryOptions) -> list[str]:
     """The fixed listen addresses something else already holds (a factory still running?)."""
     problems = []
-    for flag, value in (("--router-listen", options.router_listen), ("--admin-listen", options.admin_listen)):
+    for flag, value in (("--router-listen", options.router_listen), ("--admin-listen", options.admin_listen),
+                        *((("--http-listen", options.http_listen),) if options.http_listen else ())):
         host, _, port = value.rpartition(":")
         if int(port) == 0:
             continue
@@ -151,17 +165,21 @@ class FactoryOptions:
     decode: int = 1
     etcd: str = ""
     router_listen: str = "127.0.0.1:50051"
+    # The router's OpenAI-compatible HTTP API (docs/http-api.md); "" leaves it off.
+    http_listen: str = "127.0.0.1:8000"
     admin_listen: str = "127.0.0.1:7070"
     state_dir: Path | None = None
     lease_ttl: int = 5
     speedup: float = 1.0
     metrics: bool = True
     node: str = field(default_factory=default_node_name)
+    # Mutual TLS everywhere, etcd with TLS and per-component users (docs/security.md).
+    secure: bool = False
 
     @property
     def served_model(self) -> str:
         # A real instruct model by default, so the first answer a newcomer sees is real text.
-        return self.model or ("llama-3-8b" if self.engine == "sim" else "smollm2-135m")
+        return self.model or {"sim": "llama-3-8b", "vllm": "tiny-vllm"}.get(self.engine, "smollm2-135m")
 
 
 @dataclass
@@ -177,6 +195,10 @@ class FactoryState:
     pids: dict[str, int]
     metrics: dict[str, str]
     workers: list[dict[str, str]]
+    # Secure mode: the CA and the operator's client certificate and key, for tandemctl (empty otherwise).
+    tls: dict[str, str] = field(default_factory=dict)
+    # The router's OpenAI base URL (http://HOST:PORT/v1; https in secure mode), "" when off.
+    openai: str = ""
 
 
 class LocalFactory:
@@ -198,10 +220,12 @@ class LocalFactory:
         self.plans = plan_workers(options.engine, options.fleet, options.prefill, options.decode, options.node)
         self.state_dir = Path(options.state_dir or tempfile.mkdtemp(prefix="tandem-up-"))
         self.log_dir = self.state_dir / "logs"
+        self.secure = SecureFleet(self.state_dir / "pki") if options.secure else None
         try:
             # Finds the etcd binary and picks free ports now; the process starts in start().
-            self.etcd_server = None if options.etcd else EtcdServer(data_dir=self.state_dir / "etcd",
-                                                                     log_path=self.log_dir / "etcd.log")
+            self.etcd_server = None if options.etcd else EtcdServer(
+                data_dir=self.state_dir / "etcd", log_path=self.log_dir / "etcd.log",
+                tls=self.secure.etcd_tls() if self.secure is not None else None)
         except FileNotFoundError as exc:
             raise ValueError(str(exc)) from None
         self.children: list[ManagedProcess] = []
@@ -214,6 +238,13 @@ class LocalFactory:
     def _child_args(self) -> list[str]:
         return ["--metrics-listen", "127.0.0.1:0"] if self.options.metrics else []
 
+    def _secure_args(self, cert: str, *, serves: bool = True) -> list[str]:
+        """Secure mode: etcd login with `cert`, mutual TLS served (`serves`) and to workers; [] otherwise."""
+        if self.secure is None:
+            return []
+        s = self.secure
+        return [*s.etcd_args(cert), *s.peer_args(cert), *(s.serve_args(cert) if serves else [])]
+
     def _python(self, name: str, module: str, *args: str, timeout: float = 180.0) -> ManagedProcess:
         # gRPC's C core writes plain-text lines (handshake failures) into the JSON log stream unless silenced.
         child = ManagedProcess(name, [sys.executable, "-m", module, *args, *self._child_args()], log_dir=self.log_dir,
@@ -221,8 +252,31 @@ class LocalFactory:
         self.children.append(child)
         child.start()
         self._write_state("starting")  # its PID is known from now on
-        child.wait_ready(timeout, abort=self.abort)
+        child.wait_ready(timeout, abort=self.abort, tls=self.client_tls)
         return child
+
+    @property
+    def client_tls(self) -> PeerTls | None:
+        """How local tools call the services: the operator's certificate in secure mode, else plaintext."""
+        return self.secure.client_tls() if self.secure is not None else None
+
+    def _prepare_secure(self) -> None:
+        """Certificates for every planned process (kept when current), before anything starts."""
+        assert self.secure is not None
+        self.progress(f"certificates in {self.secure.directory}")
+        self.secure.prepare([(plan.name, self.options.node) for plan in self.plans], [self.options.node])
+
+    def _provision_etcd(self) -> None:
+        """One etcd user per process, each allowed only its own keys; then auth on."""
+        assert self.secure is not None
+        self.progress("etcd users and roles (auth on)")
+        workers = [WorkerIdentity(plan.name, self.options.node, (plan.gpu_uuid,) if plan.gpu_uuid else ())
+                   for plan in self.plans]
+        try:
+            self.secure.provision(self.etcd_endpoint, workers, [self.options.node])
+        except Exception as exc:  # grpc, etcd3aio and EtcdUnavailable errors all carry etcd's reason
+            raise ProcessStartError(f"provisioning etcd users failed: {type(exc).__name__}: {exc}\n"
+                                    f"{self.etcd_server.log_tail() if self.etcd_server else ''}") from exc
 
     def _start_etcd(self, timeout: float = 20.0) -> None:
         assert self.etcd_server is not None
@@ -247,36 +301,56 @@ class LocalFactory:
         Either way the caller calls stop(), which stops whatever did start."""
         opts = self.options
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.secure is not None:
+            self._prepare_secure()
         if self.etcd_server is not None:
             self._start_etcd()
+        if self.secure is not None:
+            self._provision_etcd()
         common = ["--etcd", self.etcd_endpoint, "--lease-ttl", str(opts.lease_ttl)]
         self.progress("starting the node agent")
-        agent_args = [*common, "--node", opts.node]
+        agent_args = [*common, "--node", opts.node, *self._secure_args(f"agent-{opts.node}", serves=False)]
         simulated = default_fleet(opts.engine, opts.fleet, opts.prefill, opts.decode)
         if simulated:
             agent_args += ["--simulate-gpus", simulated]
         self._python("agent", "controlplane.agent", *agent_args)
         self.progress("starting the control plane")
         self._python("controlplane", "controlplane.server", *common, "--listen", opts.admin_listen,
-                     "--replica-id", "cp-0")
+                     "--replica-id", "cp-0", *self._secure_args("controlplane"))
         worker_args = [*common, "--engine", opts.engine, "--model", opts.served_model, "--node", opts.node,
                        "--listen", "127.0.0.1:0", "--speedup", str(opts.speedup)]
         for plan in self.plans:
             self.progress(f"starting {plan.name} ({opts.engine} engine{', ' + plan.gpu_type if plan.gpu_type else ''})")
-            args = [*worker_args, "--worker-id", plan.name]
+            args = [*worker_args, "--worker-id", plan.name, *self._secure_args(f"worker-{plan.name}")]
             if plan.gpu_type:
                 args += ["--gpu-type", plan.gpu_type, "--gpu-uuids", plan.gpu_uuid]
             self._python(plan.name, "prefill_svc" if plan.role == "prefill" else "decode_svc", *args)
         self.progress("starting the router")
-        self._python("router", "router_svc", *common, "--listen", opts.router_listen)
+        self._python("router", "router_svc", *common, "--listen", opts.router_listen, *self._secure_args("router"),
+                     *(["--http-listen", opts.http_listen] if opts.http_listen else []), *self._tokenizer_args())
         self.state = self._write_state("up")
         return self.state
+
+    def _tokenizer_args(self) -> list[str]:
+        """The router's --tokenizer for vLLM's built-in tiny model (the workers built it; this prints where)."""
+        if self.options.engine != "vllm" or self.options.served_model != "tiny-vllm":
+            return []
+        found = subprocess.run([sys.executable, "-m", "engine.vllm.tiny_model"], capture_output=True, text=True,
+                               check=True)
+        return ["--tokenizer", f"tiny-vllm={found.stdout.strip().splitlines()[-1]}"]
 
     def _endpoint(self, name: str) -> str:
         return next((c.endpoint for c in self.children if c.name == name), "")
 
+    def _openai_url(self) -> str:
+        from router_svc.http_api.examples import base_url
+
+        port = next((c.info.get("http_port") for c in self.children if c.name == "router"), 0)
+        return base_url(self.options.http_listen, int(port), tls=self.secure is not None) if port else ""
+
     def _write_state(self, status: str) -> FactoryState:
-        metrics = {"etcd": self.etcd_server.endpoint} if self.etcd_server is not None and self.options.metrics else {}
+        metrics = {"etcd": self.etcd_server.metrics_endpoint} if self.etcd_server is not None and self.options.metrics \
+            else {}
         metrics |= {c.name: f"127.0.0.1:{c.info['metrics_port']}" for c in self.children
                     if c.info.get("metrics_port")}
         pids = {"etcd": self.etcd_server.pid} if self.etcd_server is not None and self.etcd_server.pid else {}
@@ -284,7 +358,10 @@ class LocalFactory:
         state = FactoryState(
             status=status, etcd=self.etcd_endpoint, admin=self._endpoint("controlplane"),
             router=self._endpoint("router"), model=self.options.served_model, logs=str(self.log_dir), pids=pids,
-            metrics=metrics, workers=[asdict(plan) for plan in self.plans])
+            metrics=metrics, workers=[asdict(plan) for plan in self.plans],
+            tls={"ca_file": str(self.secure.ca), "cert_file": str(self.secure.cert("operator")),
+                 "key_file": str(self.secure.key("operator"))} if self.secure is not None else {},
+            openai=self._openai_url())
         path = self.state_dir / "up.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(state), indent=2))

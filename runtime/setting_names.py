@@ -7,7 +7,8 @@ setting of any of these services without a warning: tandem.env and tandem.toml a
 COMMON = frozenset({
     "etcd", "etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_password", "etcd_prefix", "etcd_timeout",
     "etcd_tls_server_name", "etcd_user", "lease_ttl", "log_format", "log_level", "metrics_listen", "peer_ca_file",
-    "peer_cert_file", "peer_key_file", "peer_tls_server_name", "ready_file", "shutdown_grace",
+    "peer_cert_file", "peer_key_file", "peer_tls_server_name", "peer_verify_identity", "ready_file",
+    "shutdown_grace",
 })
 
 SETTINGS_BY_SECTION: dict[str, frozenset[str]] = {
@@ -20,10 +21,10 @@ SETTINGS_BY_SECTION: dict[str, frozenset[str]] = {
         "tls_key",
     }),
     "router": COMMON | frozenset({
-        "advertise_host", "capacity_wait_s", "default_max_tokens", "kv_transports", "listen",
-        "local_prefill_max_prompt_tokens", "max_attempts", "max_output_tokens", "policy",
-        "prefill_queue_limit_tokens", "stall_timeout_s", "suspect_s", "tls_cert", "tls_client_ca", "tls_key",
-        "tokenizer",
+        "advertise_host", "capacity_wait_s", "default_max_tokens", "http_api_keys", "http_api_keys_file",
+        "http_listen", "kv_transports", "listen", "local_prefill_max_prompt_tokens", "max_attempts",
+        "max_output_tokens", "policy", "prefill_queue_limit_tokens", "stall_timeout_s", "suspect_s", "tls_cert",
+        "tls_client_ca", "tls_key", "tokenizer",
     }),
     "prefill": COMMON | frozenset({
         "advertise_host", "cache_dir", "device", "dtype", "engine", "gpu_count", "gpu_type", "gpu_uuids",

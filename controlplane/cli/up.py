@@ -38,26 +38,33 @@ def register(app: typer.Typer) -> None:
 
 
 def up(
-    engine: Annotated[str, typer.Option(help="worker engine: torch (a real model on CPU) or sim")] = "torch",
-    model: Annotated[str, typer.Option(help="model: 'tiny' or a checkpoint dir (torch), a profile (sim)")] = "",
+    engine: Annotated[str, typer.Option(help="worker engine: torch (a real model on CPU), sim, or vllm")] = "torch",
+    model: Annotated[str, typer.Option(help=(
+        "model: 'tiny' or a checkpoint dir (torch), 'tiny-vllm' or a checkpoint dir (vllm), a profile (sim)"))] = "",
     fleet: Annotated[str, typer.Option(help=(
         "simulated GPUs for --engine sim, e.g. H100-SXM:2,A100-80GB:4 (default: one H100-SXM per worker)"))] = "",
     prefill: Annotated[int, typer.Option(min=0, help="prefill workers (without --fleet)")] = 1,
     decode: Annotated[int, typer.Option(min=1, help="decode workers (without --fleet)")] = 1,
     etcd: Annotated[str, typer.Option(help="use this etcd (host:port[,...]) instead of an embedded one")] = "",
     router_listen: Annotated[str, typer.Option(help="router (Inference API) address")] = "127.0.0.1:50051",
+    http_listen: Annotated[str, typer.Option(help=(
+        "router's OpenAI-compatible HTTP API address ('' turns it off)"))] = "127.0.0.1:8000",
     admin_listen: Annotated[str, typer.Option(help="control plane (Admin API) address")] = "127.0.0.1:7070",
     state_dir: Annotated[Path | None, typer.Option(help="logs, etcd data and up.json (default: a temp dir)")] = None,
     speedup: Annotated[float, typer.Option(min=0.001, help="sim engine: run simulated time this much faster")] = 1.0,
     lease_ttl: Annotated[int, typer.Option(min=2, help="registry lease TTL, seconds")] = 5,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help=(
         "every process serves Prometheus /metrics on a free 127.0.0.1 port (listed in up.json)"))] = True,
+    secure: Annotated[bool, typer.Option("--secure", help=(
+        "certificates in STATE_DIR/pki, etcd with TLS and a user per process, mutual TLS on every hop, "
+        "worker identities checked (docs/security.md)"))] = False,
 ) -> None:
     """Start a whole factory here: etcd, agent, control plane, workers, router. Ctrl-C stops it all."""
     console = Console(stderr=True, highlight=False)
     options = FactoryOptions(engine=engine, model=model, fleet=fleet, prefill=prefill, decode=decode, etcd=etcd,
-                             router_listen=router_listen, admin_listen=admin_listen, state_dir=state_dir,
-                             lease_ttl=lease_ttl, speedup=speedup, metrics=metrics)
+                             router_listen=router_listen, http_listen=http_listen, admin_listen=admin_listen,
+                             state_dir=state_dir,
+                             lease_ttl=lease_ttl, speedup=speedup, metrics=metrics, secure=secure)
     try:
         # Checks every option; starts nothing.
         factory = LocalFactory(options, progress=lambda line: console.print(f"[dim]•[/dim] {line}"))
@@ -83,6 +90,8 @@ def up(
         state = factory.start()
         console.print(f"\nTandem is up ({len(factory.plans)} workers, model [bold]{state.model}[/bold]).")
         console.print(f"  router (Inference API): {state.router}")
+        if state.openai:
+            console.print(f"  OpenAI API (HTTP):      {state.openai}")
         console.print(f"  control plane (Admin):  {state.admin}")
         console.print(f"  etcd:                   {state.etcd}")
         console.print(f"  logs:                   {state.logs}")
@@ -90,9 +99,24 @@ def up(
             console.print("  metrics (/metrics):")
             for name, address in state.metrics.items():
                 console.print(f"    {name:<22}{address}", soft_wrap=True)
-        console.print(f"  try: tandemctl generate --router {state.router} \"What is the capital of France?\"")
-        console.print(f"       tandemctl --endpoint {state.admin} status\n")
-        admin = AdminClient(Connection(endpoint=state.admin))
+        tls_flags = (f"--ca-file {state.tls['ca_file']} --cert-file {state.tls['cert_file']} "
+                     f"--key-file {state.tls['key_file']} ") if state.tls else ""
+        if state.tls:
+            console.print("  secure: mutual TLS everywhere, etcd auth; certificates in "
+                          f"{Path(state.tls['ca_file']).parent}")
+        console.print(f"  try: tandemctl {tls_flags}generate --router {state.router} "
+                      "\"What is the capital of France?\"", soft_wrap=True)
+        console.print(f"       tandemctl {tls_flags}--endpoint {state.admin} status", soft_wrap=True)
+        if state.openai:
+            from router_svc.http_api.examples import curl_example, sdk_example
+
+            chat = engine == "torch"  # the built-in torch models ship a chat template; sim profiles have none
+            console.print(f"       {curl_example(state.openai, state.model, chat=chat, tls=state.tls)}",
+                          soft_wrap=True)
+            if not state.tls:  # the SDK line would need an httpx client with the certificates
+                console.print(f"       {sdk_example(state.openai, state.model, chat=chat)}", soft_wrap=True)
+        console.print()
+        admin = AdminClient(_admin_connection(state.admin, state.tls))
         try:
             status = admin.call("FleetStatus", admin_pb2.FleetStatusRequest())
         finally:
@@ -109,6 +133,14 @@ def up(
     finally:
         factory.stop()
         console.print("stopped.")
+
+
+def _admin_connection(endpoint: str, tls: dict[str, str]) -> Connection:
+    """The Admin API of a factory; with up.json's TLS entry (--secure) over mutual TLS."""
+    if not tls:
+        return Connection(endpoint=endpoint)
+    return Connection(endpoint=endpoint, ca_file=Path(tls["ca_file"]), cert_file=Path(tls["cert_file"]),
+                      key_file=Path(tls["key_file"]))
 
 
 def router_error(router: str, code: grpc.StatusCode, message: str, *, tls: bool) -> CliError:
