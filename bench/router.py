@@ -76,8 +76,9 @@ async def _client_run(*, mode: str, endpoint: str, warmup: int, requests: int, c
     routes: dict[str, int] = {}
 
     def prompt(i: int) -> list[int]:
-        # A different first token per request: no prefix-cache hits to flatter either path.
-        return [3 + (i % 90), *range(40, 40 + prompt_tokens - 1)]
+        # Different first two tokens per request (unique up to 62,500 requests): no prefix-cache hits to
+        # flatter either path, and no prefix-aware local prefill to turn the disaggregated path local.
+        return [3 + (i % 250), 3 + (i // 250) % 250, *range(40, 40 + prompt_tokens - 2)]
 
     async def one(i: int) -> int:
         if mode == "direct":

@@ -312,12 +312,15 @@ class Policy(abc.ABC):
             c = self.inflight.apply(listed, now)
             if not self._ineligible(c, request)[0]:
                 pools.decode.append(c)
-        if not pools.decode and len(visited) < len(pool.decoders):
-            # None of the sample can take it: look at every worker before calling the model full.
+        if not pools.decode:
+            # None of the sample can take it: look at every worker, and judge "full" by what the workers
+            # report, not by the ledger's estimate of work it sent them. The ledger spreads a burst; as a
+            # verdict it held saturated routers in NoCapacity for up to a second, long after the work it
+            # counted had finished. A worker really full refuses (RESOURCE_EXHAUSTED) and the request
+            # moves on.
             for listed in self.visit_order(pool.decoders, "decode", request, None):
-                c = self.inflight.apply(listed, now)
-                if not self._ineligible(c, request)[0]:
-                    pools.decode.append(c)
+                if not self._ineligible(listed, request)[0]:
+                    pools.decode.append(self.inflight.apply(listed, now))
 
     def _eligible_prefillers(self, pools: _Pools, request: RouteRequest, pool: ModelPool, now: float) -> None:
         def visit(members: Sequence[Candidate]) -> None:
@@ -424,7 +427,7 @@ class Policy(abc.ABC):
             if not listed.routable:
                 unroutable[listed.unroutable] += 1
                 continue
-            kind, why = self._ineligible(self.inflight.apply(listed, now), request)
+            kind, why = self._ineligible(listed, request)
             (full if kind == "full" else unroutable)[why] += 1
         tally = ", ".join(f"{n} {why}" for why, n in sorted((full + unroutable).items()))
         if full:

@@ -122,3 +122,23 @@ def test_retrying_only_the_prefill_does_not_count_the_decode_twice() -> None:
                          exclude=frozenset({first.prefill.worker_id}))
     policy.choose(retry, view, NOW)
     assert policy.inflight.apply(worker("d0"), NOW).load.active_sequences == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["expected-time", "least-loaded", "round-robin", "random"])
+def test_the_ledger_spreads_work_but_never_makes_a_worker_with_room_full(name: str) -> None:
+    """A saturated router once waited a second per request: its own estimates said "batch full" long after
+    the work they counted had finished. Only the workers' reports may say a worker is full."""
+    view = FleetView.of([worker("d0"), worker("d1")])  # each reports 0 of 64 sequences
+    policy = create_policy(name)
+    request = RouteRequest(model=MODEL, prompt_tokens=20, max_tokens=64)
+    picks = Counter(policy.choose(request, view, NOW).decode.worker_id for _ in range(300))
+    assert sum(picks.values()) == 300  # far past 2 x 64 by the ledger's count: never NoCapacity
+    assert max(picks.values()) - min(picks.values()) <= 1 or name == "random"
+
+
+def test_a_worker_its_report_calls_full_is_still_no_capacity() -> None:
+    from router_svc.policy import NoCapacity
+
+    view = FleetView.of([worker("d0", active=64)])
+    with pytest.raises(NoCapacity, match="1 batch full"):
+        create_policy("expected-time").choose(RouteRequest(model=MODEL, prompt_tokens=20, max_tokens=64), view, NOW)
