@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # How long a handle from a worker this view has not seen yet waits for the
 # registry watch to catch up (the router's view may be a moment ahead).
 PRODUCER_WAIT_S = 1.0
+# DecodeRequest.flush_interval_ms above this is taken as this: a held stream must stay far below the
+# router's stall timeout.
+MAX_FLUSH_INTERVAL_MS = 1000
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
@@ -114,7 +117,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                         first_token=request.first_token_id if has_handle else None, generated=generated))
                     produced = 0
                     first = True
-                    async with contextlib.aclosing(coalesced(decode)) as steps:
+                    hold_s = min(request.flush_interval_ms, MAX_FLUSH_INTERVAL_MS) / 1000
+                    async with contextlib.aclosing(coalesced(decode, hold_s)) as steps:
                         async for step in steps:
                             produced += len(step.token_ids)
                             self.ctx.metrics.generated_tokens.inc(len(step.token_ids))

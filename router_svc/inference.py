@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 # so one client's long prompt does not stall every other stream on the event loop. Shorter ones
 # are cheaper to encode inline than to hand over.
 INLINE_TOKENIZE_CHARS = 16 * 1024
+# A unary answer (Complete, a non-streamed HTTP completion) is delivered whole: the decode worker may hold
+# its steps this long between messages (DecodeRequest.flush_interval_ms). A migration then resumes from
+# the tokens received, at most this much work behind.
+WHOLE_ANSWER_FLUSH_MS = 50
 
 
 def render_chat(model: str, tokenizer: Tokenizer, messages: Sequence[ChatMessage],
@@ -143,6 +147,8 @@ class InferenceCore:
         except RequestError as exc:
             self.metrics.requests.labels(model="", status=exc.code.name).inc()
             raise
+        if whole:
+            job = dataclasses.replace(job, flush_interval_ms=WHOLE_ANSWER_FLUSH_MS)
         status = "OK"
         # True once the last response is built: a caller that stops after it has not cancelled anything.
         done = False

@@ -109,6 +109,9 @@ class Job:
     sampling: Sampling
     # Absolute time.monotonic() deadline of the client, if any.
     deadline: float | None = None
+    # Asked of the decode worker (DecodeRequest.flush_interval_ms): 0 for a client that watches the
+    # stream; more for one that takes the whole answer at the end.
+    flush_interval_ms: int = 0
 
 
 class Suspects:
@@ -255,7 +258,8 @@ class Pipeline:
     def _start_decode(self, job: Job, sampling: common_pb2.SamplingParams,
                       action: CallDecode) -> grpc.aio.UnaryStreamCall:
         request = worker_pb2.DecodeRequest(request_id=job.request_id, model=job.model, prompt_token_ids=job.prompt,
-                                           sampling=sampling, generated_token_ids=action.generated)
+                                           sampling=sampling, generated_token_ids=action.generated,
+                                           flush_interval_ms=job.flush_interval_ms)
         if action.handle is not None:
             assert isinstance(action.handle.message, common_pb2.KvHandle) and action.first_token is not None
             request.handle.CopyFrom(action.handle.message)

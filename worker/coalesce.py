@@ -7,6 +7,11 @@ up (a real GPU, a token every few milliseconds) each step goes alone and
 nothing waits; when it falls behind (a busy router, a fast simulated engine)
 several steps travel in one message instead of queueing up.
 
+With `hold_s` > 0, every message after the first waits until `hold_s` has
+passed since the previous one (or the sequence ends) and takes every step
+produced meanwhile: a caller that only wants the whole answer gets a few
+messages instead of one per token, and the first still leaves at once.
+
 Closing the returned generator (the client cancelled) cancels the engine
 side, which closes the engine's iterator and frees the sequence.
 """
@@ -23,8 +28,10 @@ from runtime.tasks import cancel_and_wait
 _END = object()
 
 
-async def coalesced(steps: AsyncGenerator[DecodeStep, None]) -> AsyncGenerator[DecodeStep, None]:
+async def coalesced(steps: AsyncGenerator[DecodeStep, None], hold_s: float = 0.0,
+                    ) -> AsyncGenerator[DecodeStep, None]:
     queue: asyncio.Queue[object] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
 
     async def pump() -> None:
         try:
@@ -36,10 +43,19 @@ async def coalesced(steps: AsyncGenerator[DecodeStep, None]) -> AsyncGenerator[D
         finally:
             queue.put_nowait(_END)
 
-    task = asyncio.get_running_loop().create_task(pump())
+    task = loop.create_task(pump())
+    sent_at: float | None = None
     try:
         while True:
             items = [await queue.get()]
+            if hold_s > 0 and sent_at is not None:
+                # Hold until hold_s after the last send, unless the sequence ends first. (asyncio.timeout,
+                # not wait_for: on 3.11 wait_for can swallow a cancellation that lands as the get completes,
+                # and a cancelled RPC must end now.)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(sent_at + hold_s):
+                        while items[-1] is not _END and not isinstance(items[-1], BaseException):
+                            items.append(await queue.get())
             while not queue.empty():
                 items.append(queue.get_nowait())
             merged: DecodeStep | None = None
@@ -58,5 +74,6 @@ async def coalesced(steps: AsyncGenerator[DecodeStep, None]) -> AsyncGenerator[D
                     merged.finish_reason = item.finish_reason
             if merged is not None:
                 yield merged
+                sent_at = loop.time()
     finally:
         await cancel_and_wait(task)

@@ -63,3 +63,44 @@ async def test_engine_errors_reach_the_writer() -> None:
         async with contextlib.aclosing(coalesced(engine_steps(10, fail_at=3))) as stream:
             async for _ in stream:
                 pass
+
+
+async def test_a_held_stream_sends_the_first_step_then_the_rest_together() -> None:
+    """flush_interval_ms for a caller that answers at the end: one message for the first token (the
+    time to first token stays honest), then everything produced within the hold, in order."""
+    async def paced(n: int) -> AsyncGenerator[DecodeStep, None]:
+        for i in range(n):
+            yield DecodeStep([i], "length" if i == n - 1 else None)
+            await asyncio.sleep(0.001)  # an engine slower than the writer: unheld, one message per step
+
+    unheld = [step async for step in coalesced(paced(30))]
+    held = [step async for step in coalesced(paced(30), hold_s=30.0)]
+    assert [t for s in held for t in s.token_ids] == list(range(30))
+    assert len(unheld) > 2 and len(held) == 2
+    assert held[0].token_ids == [0] and held[-1].finish_reason == "length"
+
+
+async def test_a_held_stream_closed_while_holding_frees_the_engine() -> None:
+    """The client went away during the hold: the engine's iterator is closed (its sequence freed) at once,
+    not when the hold would have ended."""
+    closed: list[bool] = []
+
+    async def endless() -> AsyncGenerator[DecodeStep, None]:
+        try:
+            i = 0
+            while True:
+                yield DecodeStep([i], None)
+                i += 1
+                await asyncio.sleep(0.001)
+        finally:
+            closed.append(True)
+
+    stream = coalesced(endless(), hold_s=3600.0)
+    assert (await anext(stream)).token_ids == [0]
+    second = asyncio.ensure_future(anext(stream))  # now inside the hour-long hold
+    await asyncio.sleep(0.01)
+    second.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+    await stream.aclose()
+    assert closed == [True]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xa8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x15\n\rkv_transports\x18\x05 \x03(\t\x12\x15\n\rconsumer_host\x18\x06 \x01(\t\"\xd6\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KvHandle\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\";\n\rKvPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"L\n\x07KvChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"%\n\x10KvReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\"%\n\x11KvReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xeb\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12#\n\x06handle\x18\x05 \x01(\x0b\x32\x13.tandem.v1.KvHandle\x12\x1b\n\x0e\x66irst_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x13generated_token_ids\x18\x07 \x03(\rB\x11\n\x0f_first_token_id\"\xc6\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x16\n\x0ekv_transfer_ms\x18\x05 \x01(\x01\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\"W\n\x10WatchLoadRequest\x12\x17\n\x0fmin_interval_ms\x18\x01 \x01(\r\x12\x17\n\x0fmax_interval_ms\x18\x02 \x01(\r\x12\x11\n\tkv_events\x18\x03 \x01(\x08\"%\n\x0eGetLoadRequest\x12\x13\n\x0bkv_snapshot\x18\x01 \x01(\x08\"\x8f\x03\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x12\n\nat_unix_ms\x18\x04 \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x04\x12\x1c\n\x14kv_block_size_tokens\x18\n \x01(\r\x12\x17\n\x0fopen_kv_handles\x18\x0b \x01(\r\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0e \x01(\x01\x12&\n\tkv_events\x18\x0f \x01(\x0b\x32\x13.tandem.v1.KvEvents\"v\n\x08KvEvents\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x11\n\tsince_seq\x18\x03 \x01(\x04\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x0e\n\x06stored\x18\x05 \x03(\x06\x12\x0f\n\x07removed\x18\x06 \x03(\x06\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse2\x88\x01\n\x08KvSource\x12\x36\n\x04Pull\x12\x18.tandem.v1.KvPullRequest\x1a\x12.tandem.v1.KvChunk0\x01\x12\x44\n\x07Release\x12\x1b.tandem.v1.KvReleaseRequest\x1a\x1c.tandem.v1.KvReleaseResponse2I\n\x06\x44\x65\x63ode\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x32\x88\x01\n\x06Worker\x12\x41\n\tWatchLoad\x12\x1b.tandem.v1.WatchLoadRequest\x1a\x15.tandem.v1.LoadReport0\x01\x12;\n\x07GetLoad\x12\x19.tandem.v1.GetLoadRequest\x1a\x15.tandem.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xa8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x15\n\rkv_transports\x18\x05 \x03(\t\x12\x15\n\rconsumer_host\x18\x06 \x01(\t\"\xd6\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KvHandle\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\";\n\rKvPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"L\n\x07KvChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"%\n\x10KvReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\"%\n\x11KvReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x86\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12#\n\x06handle\x18\x05 \x01(\x0b\x32\x13.tandem.v1.KvHandle\x12\x1b\n\x0e\x66irst_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x13generated_token_ids\x18\x07 \x03(\r\x12\x19\n\x11\x66lush_interval_ms\x18\x08 \x01(\rB\x11\n\x0f_first_token_id\"\xc6\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x16\n\x0ekv_transfer_ms\x18\x05 \x01(\x01\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\"W\n\x10WatchLoadRequest\x12\x17\n\x0fmin_interval_ms\x18\x01 \x01(\r\x12\x17\n\x0fmax_interval_ms\x18\x02 \x01(\r\x12\x11\n\tkv_events\x18\x03 \x01(\x08\"%\n\x0eGetLoadRequest\x12\x13\n\x0bkv_snapshot\x18\x01 \x01(\x08\"\x8f\x03\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x12\n\nat_unix_ms\x18\x04 \x01(\x04\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x04\x12\x1c\n\x14kv_block_size_tokens\x18\n \x01(\r\x12\x17\n\x0fopen_kv_handles\x18\x0b \x01(\r\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0e \x01(\x01\x12&\n\tkv_events\x18\x0f \x01(\x0b\x32\x13.tandem.v1.KvEvents\"v\n\x08KvEvents\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x11\n\tsince_seq\x18\x03 \x01(\x04\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x0e\n\x06stored\x18\x05 \x03(\x06\x12\x0f\n\x07removed\x18\x06 \x03(\x06\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse2\x88\x01\n\x08KvSource\x12\x36\n\x04Pull\x12\x18.tandem.v1.KvPullRequest\x1a\x12.tandem.v1.KvChunk0\x01\x12\x44\n\x07Release\x12\x1b.tandem.v1.KvReleaseRequest\x1a\x1c.tandem.v1.KvReleaseResponse2I\n\x06\x44\x65\x63ode\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x32\x88\x01\n\x06Worker\x12\x41\n\tWatchLoad\x12\x1b.tandem.v1.WatchLoadRequest\x1a\x15.tandem.v1.LoadReport0\x01\x12;\n\x07GetLoad\x12\x19.tandem.v1.GetLoadRequest\x1a\x15.tandem.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,23 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVRELEASERESPONSE']._serialized_start=627
   _globals['_KVRELEASERESPONSE']._serialized_end=664
   _globals['_DECODEREQUEST']._serialized_start=667
-  _globals['_DECODEREQUEST']._serialized_end=902
-  _globals['_DECODERESPONSE']._serialized_start=905
-  _globals['_DECODERESPONSE']._serialized_end=1103
-  _globals['_WATCHLOADREQUEST']._serialized_start=1105
-  _globals['_WATCHLOADREQUEST']._serialized_end=1192
-  _globals['_GETLOADREQUEST']._serialized_start=1194
-  _globals['_GETLOADREQUEST']._serialized_end=1231
-  _globals['_LOADREPORT']._serialized_start=1234
-  _globals['_LOADREPORT']._serialized_end=1633
-  _globals['_KVEVENTS']._serialized_start=1635
-  _globals['_KVEVENTS']._serialized_end=1753
-  _globals['_PREFILL']._serialized_start=1755
-  _globals['_PREFILL']._serialized_end=1830
-  _globals['_KVSOURCE']._serialized_start=1833
-  _globals['_KVSOURCE']._serialized_end=1969
-  _globals['_DECODE']._serialized_start=1971
-  _globals['_DECODE']._serialized_end=2044
-  _globals['_WORKER']._serialized_start=2047
-  _globals['_WORKER']._serialized_end=2183
+  _globals['_DECODEREQUEST']._serialized_end=929
+  _globals['_DECODERESPONSE']._serialized_start=932
+  _globals['_DECODERESPONSE']._serialized_end=1130
+  _globals['_WATCHLOADREQUEST']._serialized_start=1132
+  _globals['_WATCHLOADREQUEST']._serialized_end=1219
+  _globals['_GETLOADREQUEST']._serialized_start=1221
+  _globals['_GETLOADREQUEST']._serialized_end=1258
+  _globals['_LOADREPORT']._serialized_start=1261
+  _globals['_LOADREPORT']._serialized_end=1660
+  _globals['_KVEVENTS']._serialized_start=1662
+  _globals['_KVEVENTS']._serialized_end=1780
+  _globals['_PREFILL']._serialized_start=1782
+  _globals['_PREFILL']._serialized_end=1857
+  _globals['_KVSOURCE']._serialized_start=1860
+  _globals['_KVSOURCE']._serialized_end=1996
+  _globals['_DECODE']._serialized_start=1998
+  _globals['_DECODE']._serialized_end=2071
+  _globals['_WORKER']._serialized_start=2074
+  _globals['_WORKER']._serialized_end=2210
 # @@protoc_insertion_point(module_scope)

@@ -212,10 +212,17 @@ class DecodeRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     FIRST_TOKEN_ID_FIELD_NUMBER: _builtins.int
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    FLUSH_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     first_token_id: _builtins.int
     """The prefill worker's first token; required with a handle."""
+    flush_interval_ms: _builtins.int
+    """0: send each step as it is produced (steps that pile up while a send is
+    in flight travel together). N: after the first message, hold steps up to
+    N ms and send them together: a caller that answers only at the end (a
+    unary Complete) needs no message per token. Capped at 1000.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -241,10 +248,11 @@ class DecodeRequest(_message.Message):
         handle: _common_pb2.KvHandle | None = ...,
         first_token_id: _builtins.int | None = ...,
         generated_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        flush_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_first_token_id", b"_first_token_id", "first_token_id", b"first_token_id", "handle", b"handle", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_token_id", b"_first_token_id", "first_token_id", b"first_token_id", "generated_token_ids", b"generated_token_ids", "handle", b"handle", "model", b"model", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_token_id", b"_first_token_id", "first_token_id", b"first_token_id", "flush_interval_ms", b"flush_interval_ms", "generated_token_ids", b"generated_token_ids", "handle", b"handle", "model", b"model", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__first_token_id: _TypeAlias = _typing.Literal["first_token_id"]  # noqa: Y015
     _WhichOneofArgType__first_token_id: _TypeAlias = _typing.Literal["_first_token_id", b"_first_token_id"]  # noqa: Y015
