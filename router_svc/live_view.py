@@ -45,6 +45,10 @@ _NO_LOAD_STATES = (registry_pb2.WORKER_STATE_UNSPECIFIED, registry_pb2.WORKER_ST
 
 VIEW_WORKERS = Gauge("tandem_router_view_workers", "Worker records in the router's view (any state)")
 LOAD_STREAMS = Gauge("tandem_router_load_streams", "WatchLoad subscriptions the router holds")
+KV_INDEX_ENTRIES = Gauge("tandem_router_kv_index_entries", "(worker, block) entries in the router's prefix index")
+KV_SYNCED_WORKERS = Gauge("tandem_router_kv_synced_workers",
+                          "Workers whose prefix-cache events the router follows in sequence")
+KV_GAPS = Gauge("tandem_router_kv_gaps", "Gaps found in workers' prefix-cache events since start (each resynced)")
 
 
 class LiveView:
@@ -55,6 +59,9 @@ class LiveView:
         self.channels = channels
         # Which workers hold which prompt prefixes, from the events on the load streams.
         self.kv = kv_index if kv_index is not None else KvIndex()
+        KV_INDEX_ENTRIES.set_function(lambda: self.kv.entries)
+        KV_SYNCED_WORKERS.set_function(self.kv.synced_count)
+        KV_GAPS.set_function(lambda: self.kv.gaps_total)
         self.loads = LoadTracker(channels, min_interval_ms=load_min_interval_ms, on_update=self._load_changed,
                                  on_kv=self._kv_events)
         self.load_refresh_s = load_refresh_s

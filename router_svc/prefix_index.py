@@ -301,6 +301,10 @@ class KvIndex:
         sync = self._sync.get(worker_id)
         return sync is not None and sync.last_seq is not None
 
+    def synced_count(self) -> int:
+        """Workers whose events this index follows in sequence now."""
+        return sum(1 for sync in self._sync.values() if sync.last_seq is not None)
+
     def held(self, worker_id: str) -> set[int]:
         sync = self._sync.get(worker_id)
         index = self._indexes.get(sync.key) if sync is not None else None

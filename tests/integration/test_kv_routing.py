@@ -9,7 +9,9 @@ worker that holds it.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -155,7 +157,8 @@ async def test_a_repeated_long_prefix_goes_to_the_worker_that_holds_it(bed: Test
     prefillers = [bed.start(f"p{i}", "prefill_svc", *SIM) for i in range(4)]
     bed.start("d0", "decode_svc", *SIM)
     # 0: never prefill locally, however much of the prompt a decode worker holds (see the next test).
-    router = bed.start("router", "router_svc", "--local-prefill-max-prompt-tokens", "0")
+    router = bed.start("router", "router_svc", "--local-prefill-max-prompt-tokens", "0",
+                       "--metrics-listen", "127.0.0.1:0")
     system = prompt_of(9, 1024)
     async with grpc.aio.insecure_channel(router.endpoint) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
@@ -170,6 +173,10 @@ async def test_a_repeated_long_prefix_goes_to_the_worker_that_holds_it(bed: Test
             return MODEL in listed and listed[MODEL].prefill_workers == 4
 
         await eventually(routable, "4 prefill workers routable")
+        # Every worker's events in sequence (snapshot received): from the first request on, the router
+        # knows what it sent where, and the next turn goes to the holder even on a slow machine.
+        await eventually(lambda: _gauge_at_least(router, "tandem_router_kv_synced_workers", 5),
+                         "the router follows all 5 workers' prefix-cache events")
         first = await ask(0)
         holder = first.route.prefill_worker_id
         assert holder and first.usage.cached_prompt_tokens == 0
@@ -185,6 +192,14 @@ async def test_a_repeated_long_prefix_goes_to_the_worker_that_holds_it(bed: Test
             assert reply.route.prefill_worker_id in holders and not reply.route.local_prefill
             assert reply.usage.cached_prompt_tokens == 1024
         assert len(holders) < 4
+
+
+async def _gauge_at_least(process: ManagedProcess, name: str, value: float) -> bool:
+    port = process.info["metrics_port"]
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return found is not None and float(found.group(1)) >= value
 
 
 async def now(value: bool) -> bool:
