@@ -2,10 +2,18 @@
 
 (Not named vllm.py: run as a script, that name would shadow the vllm package.)
 
-    .venv/bin/python bench/vllm_engine.py [--quick] [--prompt 256] [--tokens 64]
+    .venv/bin/python bench/vllm_engine.py [--quick] [--model tiny-vllm|smollm2-135m|DIR] [--prompt 256]
+                                          [--tokens 64] [--question-only]
 
-One VllmEngine (engine.vllm) on the tiny vLLM model (engine.vllm.tiny_model),
-in this process; its engine core runs in its own process as on a worker.
+One VllmEngine (engine.vllm) on `--model` (default the tiny vLLM model,
+engine.vllm.tiny_model), in this process; its engine core runs in its own
+process as on a worker.
+
+- start: seconds from start() to a ready engine (model built or converted
+  beforehand, outside the timing);
+- question: one chat-templated greedy answer to "What is the capital of
+  France?" (up to 32 tokens), its seconds and its text (noise on tiny-vllm,
+  real text on smollm2-135m). `--question-only` stops there.
 
 - unified: decode() without KV prefills locally and decodes;
 - disaggregated: prefill() (one token, the prompt's KV exported from vLLM's
@@ -37,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "protos"))
@@ -48,14 +57,23 @@ GB = 1e9
 
 async def _run_engine(args: argparse.Namespace) -> dict[str, float]:
     from engine.base import DecodeRequest, EngineConfig, PrefillRequest, Sampling, create_engine
+    from engine.vllm.models import resolve_vllm_model
 
-    engine = create_engine("vllm", EngineConfig(model="tiny-vllm", kv_block_size=32, max_batch_size=16,
-                                                max_context_tokens=4096, kv_blocks=2048))
+    resolve_vllm_model(args.model)  # build or convert outside the timing
+    # tiny-vllm's KV is small enough for 2048 blocks; a real model's comes from VLLM_CPU_KVCACHE_SPACE.
+    engine = create_engine("vllm", EngineConfig(model=args.model, kv_block_size=32, max_batch_size=16,
+                                                max_context_tokens=4096,
+                                                kv_blocks=2048 if args.model == "tiny-vllm" else 0))
     started = time.perf_counter()
     await engine.start()
-    print(f"engine started in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    results: dict[str, float] = {"start_s": time.perf_counter() - started}
+    print(f"engine started in {results['start_s']:.1f} s", file=sys.stderr, flush=True)
+    results["question_s"], answer = await _question(engine)
+    print(f"answer: {answer!r}", flush=True)
+    if args.question_only:
+        await engine.close()
+        return results
     sampling = Sampling(max_tokens=args.tokens, ignore_eos=True)
-    results: dict[str, float] = {}
 
     def prompt(i: int) -> tuple[int, ...]:
         return tuple((j * 7 + i * 13) % 500 + 1 for j in range(args.prompt))
@@ -90,6 +108,21 @@ async def _run_engine(args: argparse.Namespace) -> dict[str, float]:
         print(f"  measured batch {batch}", file=sys.stderr, flush=True)
     await engine.close()
     return results
+
+
+async def _question(engine: Any) -> tuple[float, str]:
+    """Seconds and text of one chat-templated greedy answer (unified), the tokens decoded as they come."""
+    from engine.base import DecodeRequest, Sampling
+    from engine.chat_template import ChatMessage
+
+    tokenizer = engine.tokenizer
+    prompt = tokenizer.encode_rendered_chat(tokenizer.chat_template.render(
+        [ChatMessage("user", "What is the capital of France?")]))
+    tokens: list[int] = []
+    started = time.perf_counter()
+    async for step in engine.decode(DecodeRequest("question", tuple(prompt), Sampling.create(max_tokens=32))):
+        tokens.extend(step.token_ids)
+    return time.perf_counter() - started, tokenizer.decode(tokens)
 
 
 def _best(results: dict[str, float], key: str, rate: float) -> None:
@@ -152,6 +185,8 @@ def _kv_paths(tokens: int, repeat: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller prompts, fewer tokens and repeats")
+    parser.add_argument("--model", default="tiny-vllm", help="a built-in name (engine.vllm.models) or a checkpoint")
+    parser.add_argument("--question-only", action="store_true", help="start time and one answer; no throughput")
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per request")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--kv-tokens", type=int, default=2048, help="tokens of the KV payload timed (8B-like shape)")
@@ -162,8 +197,12 @@ def main() -> None:
     args.batches = (1, 16)
     print_header("vLLM engine: unified vs disaggregated, KV export/import vs memcpy")
     engine = asyncio.run(_run_engine(args))
+    print(f"{args.model}: engine start {engine['start_s']:.1f} s, one chat answer (<= 32 tokens, greedy) "
+          f"{engine['question_s']:.2f} s")
+    if args.question_only:
+        return
     paths = _kv_paths(args.kv_tokens, args.repeat)
-    print(f"tiny-vllm model, prompt {args.prompt} tokens, {args.tokens} tokens out, one engine (CPU), "
+    print(f"{args.model} model, prompt {args.prompt} tokens, {args.tokens} tokens out, one engine (CPU), "
           f"best of {args.repeat}")
     print(f"{'tokens/s':<10}{'unified':>12}{'disagg':>12}{'ratio':>8}")
     for kind in ("prefill", "decode"):

@@ -244,6 +244,11 @@ class Engine(abc.ABC):
     """One model on one GPU set (or CPU). See the module docstring for the lifecycle."""
 
     name: ClassVar[str]
+    # Whether one loaded engine serves both prefill() (exporting KV) and decode() (importing it), so its
+    # worker can switch role live. True for an engine that follows this interface; one whose load fixes a
+    # single role (a KV connector configured producer-only or consumer-only) says False, and its worker
+    # refuses role intents.
+    serves_both_roles: ClassVar[bool] = True
 
     @abc.abstractmethod
     async def start(self) -> None: ...

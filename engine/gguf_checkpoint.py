@@ -9,9 +9,9 @@ through its normal checkpoint path. Contract:
 
 - Converted once per (package version, file, converter version); later calls
   return the cached directory without importing torch.
-- Safe from many processes at once: one converts (under a lock file in the
-  cache) into a private staging directory and renames it into place; the
-  others wait for it and reuse the result.
+- Safe from many processes at once (engine.checkpoint_cache): one converts
+  into a private staging directory and renames it into place; the others
+  wait for it and reuse the result.
 - The directory carries `tandem-source.json`: the package, file, and the
   SHA-256 of the GGUF file and of the weights written, so an operator can
   tell what it was made from.
@@ -26,24 +26,23 @@ that any loader, vLLM's included, reads.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.base import EngineError
+from engine.checkpoint_cache import CHECKPOINT_FILES, cache_root, ensure_built, is_complete
 
 # Bump when the conversion writes something different: the cache key includes it.
 CONVERTER_VERSION = 2
 SOURCE_FILE = "tandem-source.json"
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", SOURCE_FILE)
+# A conversion is complete with its provenance record (the digests) beside the checkpoint.
+_REQUIRED_FILES = (*CHECKPOINT_FILES, SOURCE_FILE)
 
 
 @dataclass(frozen=True)
@@ -83,28 +82,11 @@ def ensure_gguf_checkpoint(source: PackagedGguf, cache_dir: str | os.PathLike[st
     Returns only once the directory is complete. Raises EngineError when the
     package or a converter dependency is missing, naming what to install.
     """
-    from engine.tiny_model import default_cache_dir
-
     gguf = source.locate()
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"{source.name}-{_cache_key(source, gguf)}"
-    if _complete(target):
-        return target
-    _check_converter_dependencies(source)
-    root.mkdir(parents=True, exist_ok=True)
-    # Workers starting together (a prefill and a decode worker on one host)
-    # wait for one conversion instead of each doing the same minute of work.
-    with open(root / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(target):
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-        try:
-            convert(source, gguf, staging)
-            os.rename(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    target = cache_root(cache_dir) / f"{source.name}-{_cache_key(source, gguf)}"
+    if not is_complete(target, _REQUIRED_FILES):
+        _check_converter_dependencies(source)
+    return ensure_built(target, _REQUIRED_FILES, lambda staging: convert(source, gguf, staging))
 
 
 def convert(source: PackagedGguf, gguf: Path, directory: Path) -> None:
@@ -188,10 +170,6 @@ def _check_converter_dependencies(source: PackagedGguf) -> None:
     if missing:
         raise EngineError(f"converting built-in model {source.name!r} needs {', '.join(missing)}: "
                           f"pip install 'tandem[model]' (torch==2.13.0 first), or `make venv`")
-
-
-def _complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
 def _sha256(path: Path) -> str:

@@ -6,10 +6,9 @@ engine loads through the same path as any downloaded checkpoint. Contract:
 
 - Same spec and seed => byte-identical files, so every process (prefill and
   decode workers, tests) computes identical outputs.
-- Safe to call from many processes at once: each builder writes a private
-  temp directory and renames it into place; the first rename wins and the
-  others discard their copy.
-- Cheap when the directory exists (no torch import then).
+- Safe to call from many processes at once, and cheap when the directory
+  exists (no torch import then): engine.checkpoint_cache builds it once,
+  in a staging directory renamed into place.
 
 The tokenizer round-trips any UTF-8 text: it is byte-level, so every string
 encodes, and decoding the ids gives the string back.
@@ -20,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from engine.checkpoint_cache import CHECKPOINT_FILES, cache_root, ensure_built
 
 # Bump when anything below changes what is written: the cache key includes it.
 SPEC_VERSION = 2
@@ -47,7 +46,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 # A small mixed corpus so the merges cover common English, code and some
 # non-Latin text; anything else falls back to single bytes.
@@ -63,16 +61,17 @@ _CORPUS = [
 ]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem") / "models"
-
-
 def tiny_key(seed: int = 0) -> str:
     """Cache key: changes with the spec, the seed, and the torch/transformers versions (init RNG may differ)."""
+    return spec_key(SPEC_VERSION, TINY_SPEC, seed)
+
+
+def spec_key(spec_version: int, spec: dict[str, int | float | str], seed: int) -> str:
+    """The cache key of a seeded random model: its spec and seed, and the library versions that draw it."""
     import importlib.metadata as md
 
     versions = {name: _version(md, name) for name in ("torch", "transformers", "tokenizers")}
-    blob = json.dumps({"v": SPEC_VERSION, "spec": TINY_SPEC, "seed": seed, "versions": versions}, sort_keys=True)
+    blob = json.dumps({"v": spec_version, "spec": spec, "seed": seed, "versions": versions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -82,28 +81,21 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike[str] | None = None, seed
     Safe to call concurrently from several processes; returns only once the
     directory is complete.
     """
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"tiny-{tiny_key(seed)}"
-    if _complete(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
-        build_tiny_checkpoint(staging, seed)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process renamed its copy first (target exists, not empty).
-            if not _complete(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    target = cache_root(cache_dir) / f"tiny-{tiny_key(seed)}"
+    return ensure_built(target, CHECKPOINT_FILES, lambda staging: build_tiny_checkpoint(staging, seed))
 
 
 def build_tiny_checkpoint(directory: Path, seed: int = 0) -> None:
     """Writes the model and tokenizer into `directory` (which must exist). Deterministic in `seed`."""
-    tokenizer = build_tokenizer(int(TINY_SPEC["vocab_size"]))
+    build_random_llama(directory, TINY_SPEC, seed)
+
+
+def build_random_llama(directory: Path, spec: dict[str, int | float | str], seed: int) -> None:
+    """A Llama of `spec` with weights drawn from `seed`, and the byte-level tokenizer, written into `directory`.
+
+    Deterministic: the same spec, seed and library versions give byte-identical files.
+    """
+    tokenizer = build_tokenizer(int(spec["vocab_size"]))
     tokenizer.save(str(directory / "tokenizer.json"))
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     (directory / "tokenizer_config.json").write_text(json.dumps({
@@ -112,10 +104,10 @@ def build_tiny_checkpoint(directory: Path, seed: int = 0) -> None:
         "bos_token": EOS_TOKEN,
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(TINY_SPEC["max_position_embeddings"]),
+        "model_max_length": int(spec["max_position_embeddings"]),
         "chat_template": CHAT_TEMPLATE,
     }, indent=2, sort_keys=True) + "\n")
-    _build_model(directory, seed, eos_id)
+    _build_model(directory, spec, seed, eos_id)
 
 
 def build_tokenizer(vocab_size: int) -> Any:
@@ -135,13 +127,13 @@ def build_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def _build_model(directory: Path, seed: int, eos_id: int) -> None:
+def _build_model(directory: Path, spec: dict[str, int | float | str], seed: int, eos_id: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec: dict[str, Any] = dict(TINY_SPEC)
+    fields: dict[str, Any] = dict(spec)
     config = LlamaConfig(
-        **spec,
+        **fields,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         tie_word_embeddings=False,
@@ -155,10 +147,6 @@ def _build_model(directory: Path, seed: int, eos_id: int) -> None:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(str(directory), safe_serialization=True)
     # save_pretrained may add generation_config.json; keep it, it is deterministic too.
-
-
-def _complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
 def _version(md: Any, name: str) -> str:

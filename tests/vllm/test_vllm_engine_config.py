@@ -35,7 +35,8 @@ async def test_an_unstarted_engine_says_so_and_closes_twice() -> None:
 
 async def test_a_missing_checkpoint_fails_start_with_a_clear_error(tmp_path: Path) -> None:
     engine = create_engine("vllm", EngineConfig(model=str(tmp_path / "nowhere")))
-    with pytest.raises(EngineError, match="neither 'tiny-vllm' nor a checkpoint directory"):
+    with pytest.raises(EngineError,
+                       match=r"neither a built-in name \(tiny-vllm, smollm2-135m\) nor a checkpoint directory"):
         await engine.start()
     await engine.close()
 
