@@ -6,7 +6,8 @@ briefly away; they are UNAVAILABLE only before the view first loaded.
 Mutations go to etcd through registry.store and are UNAVAILABLE,
 naming the etcd endpoints, when it does not answer. Bad names and values are
 INVALID_ARGUMENT naming the field. Authorization is the interceptor's job
-(controlplane.auth), not this module's.
+(controlplane.auth), not this module's. Every mutation that places or
+removes an intent is logged ("admin mutation": method, target, who, why).
 
 Every method may run concurrently with the others.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -30,12 +32,14 @@ from registry.view import RegistryView
 from runtime.text import cap, clip
 from tandem.v1 import admin_pb2, admin_pb2_grpc, common_pb2, registry_pb2
 
+log = logging.getLogger(__name__)
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Intent = TypeVar("Intent", registry_pb2.DrainIntent, registry_pb2.CordonIntent)
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
-# Who asked for a drain or cordon, when the caller says so (tandemctl sends the user name).
+# Who asked for a drain, cordon or role switch, when the caller says so (tandemctl sends the user name).
 REQUESTED_BY_METADATA = "tandem-requested-by"
 MAX_REASON = 1024
 _LEASE_LOOKUPS = 16
@@ -55,6 +59,13 @@ def _statuses(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
+
+
+def _audit(method: str, target: str, requested_by: str, **details: str) -> None:
+    """One log line per mutation that changed something: what, on what, who asked, and the details."""
+    said = "".join(f", {key} {value!r}" for key, value in details.items() if value)
+    log.info("admin mutation: %s %s by %s%s", method, target, requested_by, said,
+             extra={"method": method, "target": target, "requested_by": requested_by, **details})
 
 
 def _check_reason(reason: str) -> str:
@@ -138,6 +149,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             raise ValueError(f"role must be one of {', '.join(common_pb2.Role.keys())}, got {request.role}")
         rows = fleet.worker_statuses(await self._snapshot(context), model=request.model, role=request.role,
                                      node=request.node)
+        for row in rows:
+            intent = self.view.get(Kind.ROLE, row.record.worker_id)
+            if intent is not None:
+                row.role_intent.CopyFrom(intent.record)
         return admin_pb2.ListWorkersResponse(workers=rows)
 
     @_statuses
@@ -146,6 +161,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         await self._snapshot(context)
         models = self.view.entries(Kind.MODEL)
         return admin_pb2.ListModelSpecsResponse(models=[models[name].record for name in sorted(models)])
+
+    @_statuses
+    async def GetPlan(self, request: admin_pb2.GetPlanRequest,
+                      context: grpc.aio.ServicerContext) -> admin_pb2.GetPlanResponse:
+        """The planner's latest plan per model (all models when `model` is empty; none: an empty list)."""
+        if request.model:
+            check_name(request.model, "model")
+        await self._snapshot(context)
+        plans = self.view.entries(Kind.PLAN)
+        names = [request.model] if request.model else sorted(plans)
+        return admin_pb2.GetPlanResponse(plans=[plans[name].record for name in names if name in plans])
 
     @_statuses
     async def ListLeases(self, request: admin_pb2.ListLeasesRequest,
@@ -206,7 +232,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         existing = await self.registry.get(kind, name)
         if existing is not None:
             return existing.record
-        return await place(name, self._requested_by(context), reason)
+        requested_by = self._requested_by(context)
+        intent = await place(name, requested_by, reason)
+        _audit("DrainWorker" if kind is Kind.DRAIN else "CordonNode", name, requested_by, reason=reason)
+        return intent
 
     @_statuses
     async def DrainWorker(self, request: admin_pb2.DrainWorkerRequest,
@@ -222,7 +251,54 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def UndrainWorker(self, request: admin_pb2.UndrainWorkerRequest,
                             context: grpc.aio.ServicerContext) -> admin_pb2.UndrainWorkerResponse:
         removed = await self.registry.clear_drain(check_name(request.worker_id, "worker_id"))
+        if removed:
+            _audit("UndrainWorker", request.worker_id, self._requested_by(context))
         return admin_pb2.UndrainWorkerResponse(removed=removed)
+
+    @_statuses
+    async def SetWorkerRole(self, request: admin_pb2.SetWorkerRoleRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb2.SetWorkerRoleResponse:
+        """A RoleIntent: the worker switches live. Idempotent: the same role again returns the intent there.
+
+        INVALID_ARGUMENT for a role other than prefill or decode; NOT_FOUND for
+        an unregistered worker; FAILED_PRECONDITION when its record does not
+        list the role among its switchable_roles (its engine cannot switch
+        without a restart, or it runs a version that cannot switch at all).
+        """
+        worker_id = check_name(request.worker_id, "worker_id")
+        if request.role not in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
+            name = common_pb2.Role.Name(request.role) if request.role in common_pb2.Role.values() else request.role
+            raise ValueError(f"role must be ROLE_PREFILL or ROLE_DECODE, got {name}")
+        reason = _check_reason(request.reason)
+        worker = await self.registry.get(Kind.WORKER, worker_id)
+        if worker is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {clip(worker_id)} is not registered")
+            raise AssertionError("unreachable: abort raises")
+        record: registry_pb2.WorkerRecord = worker.record
+        role = common_pb2.Role.Name(request.role)
+        if request.role not in record.switchable_roles:
+            can = ", ".join(common_pb2.Role.Name(r) for r in record.switchable_roles) or "none"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {clip(worker_id)} cannot switch to {role} without a restart (its "
+                                f"switchable roles: {can}; engine {record.engine or 'unknown'}, "
+                                f"version {record.versions.tandem or 'unknown'})")
+        existing = await self.registry.get(Kind.ROLE, worker_id)
+        if existing is not None and existing.record.role == request.role:
+            return admin_pb2.SetWorkerRoleResponse(intent=existing.record)
+        requested_by = self._requested_by(context)
+        intent = await self.registry.set_role(worker_id, request.role, requested_by, reason)
+        _audit("SetWorkerRole", worker_id, requested_by, role=role, reason=reason)
+        return admin_pb2.SetWorkerRoleResponse(intent=intent)
+
+    @_statuses
+    async def ClearWorkerRole(self, request: admin_pb2.ClearWorkerRoleRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb2.ClearWorkerRoleResponse:
+        """Removes the role intent; the worker keeps the role it has. `removed` False: there was none."""
+        worker_id = check_name(request.worker_id, "worker_id")
+        removed = await self.registry.clear_role(worker_id)
+        if removed:
+            _audit("ClearWorkerRole", worker_id, self._requested_by(context))
+        return admin_pb2.ClearWorkerRoleResponse(removed=removed)
 
     @_statuses
     async def CordonNode(self, request: admin_pb2.CordonNodeRequest,
@@ -239,6 +315,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def UncordonNode(self, request: admin_pb2.UncordonNodeRequest,
                            context: grpc.aio.ServicerContext) -> admin_pb2.UncordonNodeResponse:
         removed = await self.registry.clear_cordon(check_name(request.node, "node"))
+        if removed:
+            _audit("UncordonNode", request.node, self._requested_by(context))
         return admin_pb2.UncordonNodeResponse(removed=removed)
 
     @_statuses

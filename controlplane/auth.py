@@ -20,7 +20,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = "tandem.v1.Admin"
-READ_METHODS = frozenset({"FleetStatus", "ListNodes", "ListGpus", "ListWorkers", "ListLeases", "ListModelSpecs"})
+READ_METHODS = frozenset({"FleetStatus", "ListNodes", "ListGpus", "ListWorkers", "ListLeases", "ListModelSpecs",
+                          "GetPlan"})
 
 
 def load_token(token: str, token_file: Path | None) -> str:

@@ -88,7 +88,9 @@ def gpu_slots(snapshot: Snapshot) -> list[GpuSlot]:
         for uuid in worker.gpu_uuids:
             holders.setdefault(uuid, (worker.worker_id, worker.role))
     for uuid, claim in snapshot.claims.items():
-        holders[uuid] = (claim.worker_id, claim.role)
+        # The claim names the role at claim time; a live role switch changes only the worker's record.
+        holder = snapshot.workers.get(claim.worker_id)
+        holders[uuid] = (claim.worker_id, holder.role if holder is not None else claim.role)
     slots = []
     for uuid, (node, gpu, simulated) in index.items():
         worker_id, role = holders.get(uuid, ("", common_pb2.ROLE_UNSPECIFIED))

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from controlplane.etcd_server import EtcdServer, EtcdStartError
+from controlplane.planner.service import MODES as PLANNER_MODES
 from controlplane.securemode import SecureFleet
 from controlplane.simulated_gpus import simulated_gpus
 from controlplane.supervisor import ManagedProcess, ProcessStartError, StartAborted
@@ -134,6 +135,8 @@ def check_options(options: FactoryOptions) -> list[str]:
         problems.append(_address_problem("--etcd", endpoint.strip().removeprefix("http://")))
     if options.router_listen == options.admin_listen and not options.router_listen.endswith(":0"):
         problems.append(f"--router-listen and --admin-listen are both {options.router_listen}")
+    if options.planner not in PLANNER_MODES:
+        problems.append(f"--planner must be one of {', '.join(PLANNER_MODES)}, got {options.planner!r}")
     if options.secure and options.etcd:
         problems.append("--secure starts its own etcd with TLS and auth; it cannot take --etcd")
     return [p for p in problems if p]
@@ -175,6 +178,8 @@ class FactoryOptions:
     node: str = field(default_factory=default_node_name)
     # Mutual TLS everywhere, etcd with TLS and per-component users (docs/security.md).
     secure: bool = False
+    # The control plane's role planner: off, recommend or enact (docs/planner.md).
+    planner: str = "recommend"
 
     @property
     def served_model(self) -> str:
@@ -316,7 +321,7 @@ class LocalFactory:
         self._python("agent", "controlplane.agent", *agent_args)
         self.progress("starting the control plane")
         self._python("controlplane", "controlplane.server", *common, "--listen", opts.admin_listen,
-                     "--replica-id", "cp-0", *self._secure_args("controlplane"))
+                     "--replica-id", "cp-0", "--planner-mode", opts.planner, *self._secure_args("controlplane"))
         worker_args = [*common, "--engine", opts.engine, "--model", opts.served_model, "--node", opts.node,
                        "--listen", "127.0.0.1:0", "--speedup", str(opts.speedup)]
         for plan in self.plans:

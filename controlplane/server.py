@@ -30,6 +30,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from controlplane.admin import AdminServicer
 from controlplane.auth import BearerTokenInterceptor, load_token
 from controlplane.health_policy import MAX_THRESHOLD, Thresholds
+from controlplane.planner import PlannerConfig
+from controlplane.planner.inputs import ROLE_NAMES
+from controlplane.planner.service import MODES as PLANNER_MODES
+from controlplane.planner.service import Planner, PlannerMetricsSink, RoundResult
 from controlplane.prober import Prober
 from registry.election import Election
 from registry.etcd_client import EtcdClient
@@ -80,6 +84,15 @@ class ControlPlaneSettings(CommonSettings):
     tls_cert: Path | None = setting(None, "PEM certificate of the Admin gRPC server")
     tls_key: Path | None = setting(None, "PEM private key of the Admin gRPC server")
     tls_client_ca: Path | None = setting(None, "PEM CA bundle; when set, clients must present a certificate it signed")
+    planner_mode: str = setting("recommend", "the leader's role planner: off, recommend (writes plans only) or "
+                                "enact (also writes the role intents that carry them out)", choices=PLANNER_MODES)
+    planner_interval_s: float = setting(30.0, "time between planning rounds", min=0.1, max=3600, unit="seconds")
+    planner_min_gain: float = setting(PlannerConfig.min_gain, "switch roles only when the predicted goodput "
+                                      "gains at least this fraction", min=0, max=10)
+    planner_min_dwell_s: float = setting(PlannerConfig.min_dwell_s, "a worker keeps a role at least this long "
+                                         "before the planner moves it again", min=0, max=86400, unit="seconds")
+    planner_max_switches: int = setting(PlannerConfig.max_switches, "workers switched per planning round, "
+                                        "per model", min=1, max=1000)
 
     def __post_init__(self) -> None:
         self.replica_id = self.replica_id or _default_replica_id()
@@ -104,6 +117,10 @@ class ControlPlaneSettings(CommonSettings):
             self.keys()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def planner_config(self) -> PlannerConfig:
+        return PlannerConfig(min_gain=self.planner_min_gain, min_dwell_s=self.planner_min_dwell_s,
+                             max_switches=self.planner_max_switches)
 
     def token(self) -> str:
         return load_token(self.admin_token, self.admin_token_file)
@@ -132,6 +149,39 @@ class ControlPlaneMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
         self.view_staleness = Gauge("tandem_controlplane_view_staleness_seconds",
                                     "seconds since the registry view last heard from etcd", registry=self.registry)
+        self.planner = PlannerMetrics(self.registry)
+
+
+class PlannerMetrics(PlannerMetricsSink):
+    """The planner's last word per model: predicted goodput of the current, planned and best assignment,
+    what it saw, and the switches it asked for."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.goodput = Gauge("tandem_planner_predicted_goodput_rps",
+                             "requests/s within the SLO the planner predicts, by assignment", ["model", "assignment"],
+                             registry=registry)
+        self.arrivals = Gauge("tandem_planner_demand_arrival_rps", "arrival rate the routers report",
+                              ["model"], registry=registry)
+        self.workers = Gauge("tandem_planner_planned_workers", "workers per role in the latest plan",
+                             ["model", "role"], registry=registry)
+        self.switches = Counter("tandem_planner_switches", "role intents the planner wrote", ["model", "role"],
+                                registry=registry)
+        self.rounds = Counter("tandem_planner_plans", "plans computed, by whether the fenced write landed",
+                              ["model", "written"], registry=registry)
+
+    def planned(self, result: RoundResult) -> None:
+        record, model = result.record, result.model
+        self.rounds.labels(model=model, written=str(result.written).lower()).inc()
+        if not result.written:
+            return
+        for assignment, value in (("current", record.current_goodput_rps), ("planned", record.planned_goodput_rps),
+                                  ("best", record.best_goodput_rps)):
+            self.goodput.labels(model=model, assignment=assignment).set(value)
+        self.arrivals.labels(model=model).set(record.demand.arrival_rate_rps)
+        for role, name in ROLE_NAMES.items():
+            self.workers.labels(model=model, role=name).set(sum(1 for w in record.workers if w.planned_role == role))
+        for intent in result.intents:
+            self.switches.labels(model=model, role=ROLE_NAMES[intent.role]).inc()
 
 
 async def serve(settings: ControlPlaneSettings) -> None:
@@ -149,6 +199,7 @@ async def serve(settings: ControlPlaneSettings) -> None:
     endpoint_server: MetricsEndpoint | None = None
     election: Election | None = None
     prober: Prober | None = None
+    planner: Planner | None = None
     stop = asyncio.Event()
     install_stop_signals(stop)
     try:
@@ -164,11 +215,15 @@ async def serve(settings: ControlPlaneSettings) -> None:
                         concurrency=settings.probe_concurrency, peer_tls=settings.peer_tls(),
                         on_probe=metrics.probe_seconds.observe,
                         on_verdict=lambda status: metrics.verdicts.labels(status=status).inc())
+        planner = Planner(client, keys, view, election, replica_id=settings.replica_id,
+                          mode=settings.planner_mode, interval_s=settings.planner_interval_s,
+                          config=settings.planner_config(), sink=metrics.planner)
         metrics.view_staleness.set_function(lambda: min(view.staleness(), 1e9))
         if settings.metrics_listen:
             endpoint_server = MetricsEndpoint(settings.metrics_listen, metrics.registry)
         election.start()
         prober.start()
+        planner.start()
         # Answer reads from a loaded view when etcd is up; come up regardless when it is not.
         await view.wait_synced(settings.etcd_timeout * 2)
         log.info("control plane serving", extra={"replica_id": settings.replica_id, "endpoint": endpoint,
@@ -181,6 +236,8 @@ async def serve(settings: ControlPlaneSettings) -> None:
             endpoint_server.draining()
         with contextlib.suppress(Exception):
             await service.set_serving(False)
+        if planner is not None:
+            await planner.close()
         if prober is not None:
             await prober.close()
         if election is not None:

@@ -1,1 +1,1 @@
-"""Decode worker: imports KV caches (or prefills locally) and streams generated tokens."""
+"""Decode worker: a worker process (worker.process) that starts serving decode; a role intent can switch it."""

@@ -1,1 +1,1 @@
-"""Prefill worker: computes prompts' KV caches and first tokens, and serves the KV to decode workers."""
+"""Prefill worker: a worker process (worker.process) that starts serving prefill; a role intent can switch it."""

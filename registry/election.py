@@ -74,6 +74,17 @@ class Election:
         entry = leader_entry(self.view.entries(Kind.ELECTION).values())
         return entry.record if entry is not None else None
 
+    def fence(self) -> tuple[str, int] | None:
+        """(election key, its create_revision) while leading, for EtcdClient.put_all_if_created; None
+        otherwise. A write guarded by it lands only while this candidacy still exists: the lowest
+        candidacy leads and a newer one never gets lower, so the candidacy alive means leadership."""
+        if not self.is_leader or not self.lease:
+            return None
+        entry = self.view.get(Kind.ELECTION, f"{self.lease:016x}")
+        if entry is None:
+            return None
+        return self.keys.election(self.lease), entry.create_revision
+
     def start(self) -> None:
         if self._task is None:
             self._watcher = asyncio.create_task(self._watch_view(), name="election-watch")

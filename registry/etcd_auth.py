@@ -114,13 +114,16 @@ def agent_role(keys: Keys, node: str) -> RolePlan:
 
 
 def controlplane_role(keys: Keys) -> RolePlan:
-    writes = (Kind.HEALTH, Kind.DRAIN, Kind.CORDON, Kind.MODEL, Kind.ELECTION)
+    writes = (Kind.HEALTH, Kind.DRAIN, Kind.CORDON, Kind.ROLE, Kind.MODEL, Kind.ELECTION, Kind.PLAN)
     return RolePlan(CONTROLPLANE_USER, (_read_all(keys), *(Grant(keys.kind_prefix(kind), Access.READWRITE,
                                                                  prefix=True) for kind in writes)))
 
 
 def router_role(keys: Keys) -> RolePlan:
-    return RolePlan(ROUTER_USER, (_read_all(keys),))
+    # Routers share one certificate identity, so the grant is the whole demand/ prefix: a router could
+    # misreport another's traffic, which misleads the planner but routes nothing (docs/security.md).
+    return RolePlan(ROUTER_USER, (_read_all(keys), Grant(keys.kind_prefix(Kind.DEMAND), Access.READWRITE,
+                                                        prefix=True)))
 
 
 def permission_plan(keys: Keys, workers: Iterable[WorkerIdentity], nodes: Iterable[str]) -> list[RolePlan]:

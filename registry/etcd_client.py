@@ -236,6 +236,22 @@ class EtcdClient:
                 existing[entry.key] = entry
         return existing
 
+    async def put_all_if_created(self, guard_key: str, guard_create_revision: int,
+                                 items: Sequence[tuple[str, bytes]]) -> bool:
+        """Writes every item (no lease) in one transaction, only while `guard_key` still exists with
+        `guard_create_revision`; False (nothing written) otherwise.
+
+        The fence of etcd's concurrency.Election: a leader guards its writes with its own
+        candidacy key, so a replica that lost leadership mid-decision writes nothing.
+        """
+        compare = [KVService.txn_compare_create_revision(guard_key, guard_create_revision)]
+        success = [KVService.txn_op_put(key, value) for key, value in items]
+        reply = await self._call(
+            f"fenced put {', '.join(k for k, _ in items)}",
+            lambda: self._kv_api.txn(compare, success, [], timeout=self.settings.timeout),
+        )
+        return bool(reply.succeeded)
+
     async def compact(self, revision: int) -> None:
         await self._call(f"compact {revision}", lambda: self._kv_api.compact(revision, timeout=self.settings.timeout))
 

@@ -8,8 +8,11 @@ Layout (prefix default "/tandem"; docs/registry.md is the reference):
     {prefix}/v1/health/{worker_id}              HealthVerdict   leader's lease
     {prefix}/v1/admin/drain/{worker_id}         DrainIntent     none
     {prefix}/v1/admin/cordon/{node}             CordonIntent    none
+    {prefix}/v1/admin/role/{worker_id}          RoleIntent      none
     {prefix}/v1/models/{model}                  ModelSpec       none
     {prefix}/v1/election/controlplane/{lease}   LeaderRecord    candidate's lease
+    {prefix}/v1/demand/{router_id}              DemandReport    router's lease
+    {prefix}/v1/plans/{model}                   PlanRecord      none
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ class Kind(enum.Enum):
     HEALTH = "health"
     DRAIN = "admin/drain"
     CORDON = "admin/cordon"
+    ROLE = "admin/role"
     MODEL = "models"
     ELECTION = "election/controlplane"
+    DEMAND = "demand"
+    PLAN = "plans"
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -89,6 +95,15 @@ class Keys:
 
     def cordon(self, node: str) -> str:
         return self.key(Kind.CORDON, node)
+
+    def role(self, worker_id: str) -> str:
+        return self.key(Kind.ROLE, worker_id)
+
+    def demand(self, router_id: str) -> str:
+        return self.key(Kind.DEMAND, router_id)
+
+    def plan(self, model: str) -> str:
+        return self.key(Kind.PLAN, model)
 
     def model(self, name: str) -> str:
         return self.key(Kind.MODEL, name)

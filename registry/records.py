@@ -32,6 +32,9 @@ RECORD_TYPES: dict[Kind, type[Message]] = {
     Kind.CORDON: registry_pb2.CordonIntent,
     Kind.MODEL: registry_pb2.ModelSpec,
     Kind.ELECTION: registry_pb2.LeaderRecord,
+    Kind.ROLE: registry_pb2.RoleIntent,
+    Kind.DEMAND: registry_pb2.DemandReport,
+    Kind.PLAN: registry_pb2.PlanRecord,
 }
 
 

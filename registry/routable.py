@@ -19,6 +19,8 @@ class WorkerState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
+    # Changing role live: takes no new work until READY in its new role.
+    SWITCHING = "switching"
 
 
 class Health(enum.Enum):

@@ -9,6 +9,7 @@ _STATES = {
     registry_pb2.WORKER_STATE_STARTING: WorkerState.STARTING,
     registry_pb2.WORKER_STATE_READY: WorkerState.READY,
     registry_pb2.WORKER_STATE_DRAINING: WorkerState.DRAINING,
+    registry_pb2.WORKER_STATE_SWITCHING: WorkerState.SWITCHING,
 }
 
 _HEALTH = {

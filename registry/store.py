@@ -56,6 +56,19 @@ class Registry:
     async def clear_drain(self, worker_id: str) -> bool:
         return await self.client.delete(self.keys.drain(check_name(worker_id, "worker_id")))
 
+    async def set_role(self, worker_id: str, role: common_pb2.Role.ValueType, requested_by: str, reason: str, *,
+                       plan_generation: int = 0) -> registry_pb2.RoleIntent:
+        """Asks `worker_id` to serve `role` live (replaces any role intent it has)."""
+        intent = registry_pb2.RoleIntent(schema_version=SCHEMA_VERSION, worker_id=check_name(worker_id, "worker_id"),
+                                         role=role, requested_by=requested_by, requested_at_unix_ms=now_ms(),
+                                         reason=reason, plan_generation=plan_generation)
+        await self.client.put(self.keys.role(worker_id), encode(intent))
+        return intent
+
+    async def clear_role(self, worker_id: str) -> bool:
+        """Removes the worker's role intent (it keeps the role it has); False when there was none."""
+        return await self.client.delete(self.keys.role(check_name(worker_id, "worker_id")))
+
     async def set_cordon(self, node: str, requested_by: str, reason: str) -> registry_pb2.CordonIntent:
         intent = registry_pb2.CordonIntent(schema_version=SCHEMA_VERSION, node=check_name(node, "node"),
                                            requested_by=requested_by, requested_at_unix_ms=now_ms(), reason=reason)

@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from registry.etcd_client import EtcdClient
+from registry.keys import Kind
+from router_svc.demand_publisher import DemandPublisher
+from router_svc.demand_window import DemandWindow
 from router_svc.http_api.keys import ApiKeys, KeyFileError
 from router_svc.http_api.server import HttpFront, server_ssl_context
 from router_svc.inference import InferenceCore
@@ -66,13 +69,19 @@ async def serve(settings: RouterSettings) -> int:
         if settings.tls_cert and settings.tls_key else None
     service = GrpcService(settings.listen, service_names=["tandem.v1.Inference"], tls=server_tls)
     metrics = RouterMetrics()
-    core = InferenceCore(view, pipeline, catalog, metrics)
+    demand = DemandWindow(settings.demand_window_s)
+    core = InferenceCore(view, pipeline, catalog, metrics, demand)
+    publisher = DemandPublisher(
+        client, settings.keys(), settings.resolved_router_id(), demand,
+        lambda: {name: entry.record.slo for name, entry in view.registry.entries(Kind.MODEL).items()},
+        interval_s=settings.demand_interval_s, lease_ttl=settings.lease_ttl)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core), service.server)
     http = _http_front(settings, core, metrics, server_tls) if settings.http_listen else None
     stop = asyncio.Event()
     install_stop_signals(stop)
     try:
         await view.start()
+        publisher.start()
         # Serve at once: requests wait (bounded) for workers; the view fills as etcd answers.
         await view.registry.wait_synced(timeout=settings.etcd_timeout)
         port = await service.start()
@@ -89,6 +98,7 @@ async def serve(settings: RouterSettings) -> int:
         # Both fronts stop accepting at once; their requests in flight share the one grace.
         await asyncio.gather(service.stop(grace=settings.shutdown_grace),
                              *([http.stop()] if http is not None else []))
+        await publisher.close()
         await view.close()
         await channels.close()
         await client.close()
@@ -103,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                description="Tandem router: the public Inference API")
         parse_tokenizer_map(settings.tokenizer)
         settings.peer_tls()
+        settings.resolved_router_id()
         ApiKeys(settings.http_api_keys_file, settings.http_api_keys)  # a missing or empty key file: refuse to start
     except (ConfigError, ValueError, KeyFileError) as exc:
         print(f"tandem-router: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from engine.base import Tokenizer
 from engine.chat_template import ChatMessage
 from engine.detokenizer import Detokenizer
 from registry.keys import Kind
+from router_svc.demand_window import DemandWindow
 from router_svc.live_view import LiveView
 from router_svc.metrics import RouterMetrics
 from router_svc.models import ModelCatalog, TokenizerUnavailable
@@ -98,11 +99,14 @@ def _piece(job: Job, detok: Detokenizer, token_ids: list[int]) -> tuple[inferenc
 class InferenceCore:
     """One per router process; shared by every front and every request, on one event loop."""
 
-    def __init__(self, view: LiveView, pipeline: Pipeline, catalog: ModelCatalog, metrics: RouterMetrics) -> None:
+    def __init__(self, view: LiveView, pipeline: Pipeline, catalog: ModelCatalog, metrics: RouterMetrics,
+                 demand: DemandWindow | None = None) -> None:
         self.view = view
         self.pipeline = pipeline
         self.catalog = catalog
         self.metrics = metrics
+        # What the planner reads (router_svc.demand_window): every accepted request's size and latency.
+        self.demand = demand or DemandWindow()
 
     def _specs(self) -> dict[str, registry_pb2.ModelSpec]:
         return {name: entry.record for name, entry in self.view.registry.entries(Kind.MODEL).items()}
@@ -149,7 +153,9 @@ class InferenceCore:
             raise
         if whole:
             job = dataclasses.replace(job, flush_interval_ms=WHOLE_ANSWER_FLUSH_MS)
+        self.demand.arrived(job.model, len(job.prompt), time.monotonic())
         status = "OK"
+        outcome: Outcome | None = None
         # True once the last response is built: a caller that stops after it has not cancelled anything.
         done = False
         with request_scope(job.request_id):
@@ -160,6 +166,7 @@ class InferenceCore:
                 async with contextlib.aclosing(steps):
                     async for item in steps:
                         if isinstance(item, Outcome):
+                            outcome = item
                             if held:
                                 piece, stopped = _piece(job, detok, held)
                                 sent += len(piece.token_ids)
@@ -192,9 +199,19 @@ class InferenceCore:
                     status = "CANCELLED"
                 raise
             finally:
+                self._finished(job.model, status, outcome, sent)
                 self.metrics.requests.labels(model=job.model, status=status).inc()
                 self.metrics.e2e.labels(model=job.model).observe(
                     time.monotonic() - started, exemplar={"request_id": job.request_id[:64]})
+
+    def _finished(self, model: str, status: str, outcome: Outcome | None, sent: int) -> None:
+        """Notes the end of a request for the demand report; a client's cancel is neither served nor failed."""
+        if status == "CANCELLED":
+            return
+        # A stop string ends the stream before the pipeline's Outcome: served, latencies unknown (0).
+        self.demand.finished(model, time.monotonic(), ok=status == "OK", output_tokens=sent,
+                             ttft_s=outcome.ttft_ms / 1000 if outcome else 0.0,
+                             inter_token_s=outcome.mean_inter_token_ms / 1000 if outcome else 0.0)
 
     def _last(self, job: Job, detok: Detokenizer, outcome: Outcome, sent: int) -> inference_pb2.GenerateResponse:
         tail = detok.finish()

@@ -9,11 +9,15 @@ every other default, and every range and help text, is declared only here.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.kv.selection import PREFERENCE, known_transports, usable_transports
+from registry.keys import check_name
 from registry.settings import CommonSettings
+from router_svc.demand_window import DEFAULT_WINDOW_S
 from router_svc.models import DEFAULT_MAX_OUTPUT_TOKENS
 from router_svc.policies import DEFAULT_POLICY, policy_names
 from router_svc.policy import PolicyConfig
@@ -52,9 +56,19 @@ class RouterSettings(CommonSettings):
                                       unit="tokens")
     max_output_tokens: int = setting(DEFAULT_MAX_OUTPUT_TOKENS, "max_tokens limit when a model spec sets none",
                                      min=1, unit="tokens")
+    router_id: str = setting("", "name of this router in the registry (its demand report's key; "
+                             "default HOSTNAME-PID)")
+    demand_window_s: float = setting(DEFAULT_WINDOW_S, "the traffic summary the planner reads covers the last "
+                                     "this many seconds", min=1, max=3600, unit="seconds")
+    demand_interval_s: float = setting(5.0, "how often the traffic summary is written to the registry",
+                                       min=0.1, max=600, unit="seconds")
     tls_cert: Path | None = setting(None, "serve TLS with this certificate (gRPC and HTTP ports)")
     tls_key: Path | None = setting(None, "private key of --tls-cert")
     tls_client_ca: Path | None = setting(None, "require client certificates from this CA")
+
+    def resolved_router_id(self) -> str:
+        """--router-id, or HOSTNAME-PID; ValueError when it cannot be a registry key segment."""
+        return check_name(self.router_id or f"{socket.gethostname()}-{os.getpid()}", "router_id")
 
     def transports(self) -> tuple[str, ...]:
         """The KV transports to ask for: the setting, less what TLS to workers rules out."""

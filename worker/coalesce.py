@@ -13,7 +13,10 @@ produced meanwhile: a caller that only wants the whole answer gets a few
 messages instead of one per token, and the first still leaves at once.
 
 Closing the returned generator (the client cancelled) cancels the engine
-side, which closes the engine's iterator and frees the sequence.
+side, which closes the engine's iterator and frees the sequence. So does
+`interrupt` failing (a role switch hands the stream over): the writer then
+raises its exception instead of sending the steps still queued, at once,
+even while it waits for the engine.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ _END = object()
 
 
 async def coalesced(steps: AsyncGenerator[DecodeStep, None], hold_s: float = 0.0,
-                    ) -> AsyncGenerator[DecodeStep, None]:
+                    interrupt: asyncio.Future[None] | None = None) -> AsyncGenerator[DecodeStep, None]:
     queue: asyncio.Queue[object] = asyncio.Queue()
     loop = asyncio.get_running_loop()
+
+    def interrupted(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            # The writer raises it when it reaches it: steps merged with it are not sent.
+            queue.put_nowait(future.exception())
 
     async def pump() -> None:
         try:
@@ -44,6 +52,8 @@ async def coalesced(steps: AsyncGenerator[DecodeStep, None], hold_s: float = 0.0
             queue.put_nowait(_END)
 
     task = loop.create_task(pump())
+    if interrupt is not None:
+        interrupt.add_done_callback(interrupted)
     sent_at: float | None = None
     try:
         while True:
@@ -76,4 +86,6 @@ async def coalesced(steps: AsyncGenerator[DecodeStep, None], hold_s: float = 0.0
                 yield merged
                 sent_at = loop.time()
     finally:
+        if interrupt is not None:
+            interrupt.remove_done_callback(interrupted)
         await cancel_and_wait(task)

@@ -9,8 +9,10 @@ untrusted. It is accepted only when
 - its fields are well formed (a known transport, a tcp port in 1..65535 and
   an ASCII token, an nbytes within the cap): else `HandleMalformed`
   (INVALID_ARGUMENT) naming the field;
-- it names a real producer: a registered prefill worker of the same model,
-  READY or DRAINING (a draining worker still serves its open handles), whose
+- it names a real producer: a registered worker of the same model that
+  can prefill (its role, or one of its switchable roles: a worker switched
+  away from prefill still serves the handles it exported), READY, DRAINING
+  or SWITCHING (draining and switching workers serve their open handles), whose
   advertised endpoint is the handle's source_endpoint (and, for tcp, whose
   host is the tcp host); the transport is one this worker accepts; nbytes is
   what the layout implies for num_tokens: else `HandleRefused`
@@ -33,7 +35,8 @@ from tandem.v1 import common_pb2, registry_pb2
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
 # The sim engine's compact payload: a header and a uint32 per token (engine.sim.tokens).
 _SIM_HEADER_BYTES = len(kv_payload(()))
-_SERVING = (registry_pb2.WORKER_STATE_READY, registry_pb2.WORKER_STATE_DRAINING)
+_SERVING = (registry_pb2.WORKER_STATE_READY, registry_pb2.WORKER_STATE_DRAINING,
+            registry_pb2.WORKER_STATE_SWITCHING)
 MAX_TOKEN_CHARS = 256
 
 
@@ -137,7 +140,7 @@ def _producer(handle: common_pb2.KvHandle, policy: HandlePolicy) -> registry_pb2
         raise UnknownProducer(f"KV handle source_endpoint {_show(handle.source_endpoint)} is not a registered "
                               "worker")
     for record in matches:
-        if record.role != common_pb2.ROLE_PREFILL:
+        if common_pb2.ROLE_PREFILL not in (record.role, *record.switchable_roles):
             continue
         if record.model != policy.model:
             continue
@@ -151,7 +154,8 @@ def _producer(handle: common_pb2.KvHandle, policy: HandlePolicy) -> registry_pb2
         f"KV handle source_endpoint {_show(handle.source_endpoint)} is worker {record.worker_id!r} "
         f"({common_pb2.Role.Name(record.role)}, model {record.model!r}, "
         f"{registry_pb2.WorkerState.Name(record.state)}); the source_worker_id is {_show(handle.source_worker_id)}: "
-        f"a KV handle must come from a READY or DRAINING prefill worker of model {policy.model!r}")
+        f"a KV handle must come from a READY, DRAINING or SWITCHING prefill-capable worker of model "
+        f"{policy.model!r}")
 
 
 def _endpoint_host(endpoint: str) -> str:

@@ -3,7 +3,11 @@
 Gauges are read from the engine and admission at scrape time (a collector,
 so nothing polls); counters and histograms are updated by the servicers.
 Every series carries the worker's `role`, `worker_id` and served `model`, so
-a counter and a gauge of one worker join on the same labels.
+a counter and a gauge of one worker join on the same labels. `role` is the
+role the worker serves (the record's): a live role switch (worker.role_switcher)
+moves new counts to the new role's series, counts
+`tandem_worker_role_switches_total{from_role}`, and flips
+`tandem_worker_current_role{current_role}` (1 for the role served).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tandem.v1 import worker_pb2
+from tandem.v1 import common_pb2, worker_pb2
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BYTES_BUCKETS = tuple(float(2**p) for p in range(16, 34, 2))
+SWITCH_ROLE_NAMES = {common_pb2.ROLE_PREFILL: "prefill", common_pb2.ROLE_DECODE: "decode"}
 
 
 class _LoadCollector(Collector):
@@ -47,6 +52,12 @@ class _LoadCollector(Collector):
             family = GaugeMetricFamily(name, help_text, labels=names)
             family.add_metric(values, value)
             yield family
+        family = GaugeMetricFamily("tandem_worker_current_role",
+                                   "1 for the role the worker serves (the target during a switch), 0 for the other",
+                                   labels=[*names, "current_role"])
+        for role, role_name in SWITCH_ROLE_NAMES.items():
+            family.add_metric([*values, role_name], int(report.role == role))
+        yield family
 
 
 _M = TypeVar("_M", Counter, Histogram)
@@ -69,13 +80,15 @@ class WorkerMetrics:
 
     def __init__(self, role: str, worker_id: str, snapshot: Callable[[], worker_pb2.LoadReport],
                  model: str = "") -> None:
-        fixed = {"role": role, "worker_id": worker_id, "model": model}
+        # One dict shared by every series: set_role() changes the role they count under.
+        fixed = self._fixed = {"role": role, "worker_id": worker_id, "model": model}
         own = list(fixed)
         REGISTRY.register(_LoadCollector(snapshot, fixed))
         self.requests = _Bound(Counter("tandem_worker_requests", "Requests by RPC and final gRPC status",
                                        [*own, "rpc", "status"]), fixed, ["rpc", "status"])
-        self.prefill_seconds = Histogram("tandem_worker_prefill_seconds", "Prefill time (engine)", own,
-                                         buckets=_BUCKETS).labels(**fixed)
+        self._prefill_seconds = Histogram("tandem_worker_prefill_seconds", "Prefill time (engine)", own,
+                                          buckets=_BUCKETS)
+        self.prefill_seconds = self._prefill_seconds.labels(**fixed)
         self.kv_transfer_seconds = _Bound(Histogram("tandem_worker_kv_transfer_seconds", "KV cache import time",
                                                     [*own, "transport"], buckets=_BUCKETS), fixed, ["transport"])
         self.kv_transfer_bytes = _Bound(Counter("tandem_worker_kv_transfer_bytes", "KV cache bytes imported",
@@ -83,4 +96,13 @@ class WorkerMetrics:
         self.kv_exported_bytes = _Bound(Counter("tandem_worker_kv_exported_bytes",
                                                 "KV cache bytes offered to decode workers", [*own, "transport"]),
                                         fixed, ["transport"])
-        self.generated_tokens = Counter("tandem_worker_generated_tokens", "Tokens generated", own).labels(**fixed)
+        self._generated_tokens = Counter("tandem_worker_generated_tokens", "Tokens generated", own)
+        self.generated_tokens = self._generated_tokens.labels(**fixed)
+        self.role_switches = _Bound(Counter("tandem_worker_role_switches", "Live role switches completed, by the "
+                                            "role switched from", [*own, "from_role"]), fixed, ["from_role"])
+
+    def set_role(self, role: str) -> None:
+        """Counts from now on under `role` (a live role switch ended)."""
+        self._fixed["role"] = role
+        self.prefill_seconds = self._prefill_seconds.labels(**self._fixed)
+        self.generated_tokens = self._generated_tokens.labels(**self._fixed)

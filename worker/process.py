@@ -1,8 +1,10 @@
-"""The life of a worker process, shared by prefill and decode.
+"""The life of a worker process, whichever role it starts in.
 
     start gRPC (health NOT_SERVING) -> register STARTING -> claim GPUs
-    -> load the engine -> register READY, health SERVING, ready file
-    -> serve ... SIGTERM/SIGINT or drain intent ...
+    -> load the engine -> register READY (in the role intent's role, if
+       one names a role it can take), health SERVING, ready file
+    -> serve ... role intents switch the role live (worker.role_switcher) ...
+    -> ... SIGTERM/SIGINT or drain intent ...
     -> stop admitting (UNAVAILABLE), state DRAINING, finish in-flight work
     -> revoke the lease (record and claims vanish) -> stop gRPC -> close engine
 
@@ -12,12 +14,17 @@ restart on it) instead of loading weights onto a busy GPU first. The claim
 waits for etcd as long as it takes; SIGTERM/SIGINT ends that wait.
 
 A drain intent (tandemctl drain) runs the same drain but keeps the process
-up and deregistered; removing the intent registers it again.
+up and deregistered; removing the intent registers it again. A drain or a
+stop signal during a role switch wins: the switch stops, the drain goes on.
+
+Every worker mounts the services of both roles (Prefill with its KV source,
+and Decode) over one loaded engine; the role gate (worker.role_gate) takes
+only the current role's requests. `tandem-prefill` and `tandem-decode`
+differ only in the role they start in.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
 import os
@@ -25,22 +32,24 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-
-import grpc
 
 from engine.base import Engine, EngineError, create_engine
 from registry.claims import GpuAlreadyClaimed
 from runtime import __version__ as tandem_version
 from runtime.metrics import MetricsEndpoint
-from runtime.sampling import Sampling, check_model, check_prompt, sampling_from_proto
 from runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
 from runtime.tasks import cancel_and_wait
-from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
+from tandem.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from worker.admission import Admission
+from worker.context import WorkerContext, WorkerRole
+from worker.decode_service import DecodeRole
 from worker.load import LoadReporter, WorkerLoadServicer
 from worker.metrics import WorkerMetrics
+from worker.prefill_service import PrefillRole
 from worker.registration import WorkerRegistration, model_shape_to_pb
+from worker.role_gate import RoleGate
+from worker.role_switch import Role, role_name, switchable_roles
+from worker.role_switcher import RoleSwitcher
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -53,54 +62,7 @@ EXIT_GPU_CLAIMED = 4
 NO_RESTART_EXIT_STATUSES = (EXIT_BAD_SETTINGS, EXIT_GPU_CLAIMED)
 
 
-@dataclass
-class WorkerContext:
-    """What a role's servicers get: the engine, admission, identity."""
-
-    settings: WorkerSettings
-    role: common_pb2.Role.ValueType
-    worker_id: str
-    node: str
-    host: str
-    engine: Engine
-    admission: Admission
-    metrics: WorkerMetrics
-
-    def check_request(self, request: worker_pb2.PrefillRequest | worker_pb2.DecodeRequest
-                      ) -> tuple[Sampling, tuple[int, ...]]:
-        """A Prefill or Decode request's sampling and prompt, checked against this worker's model
-        (runtime.sampling's rules, the router's too); InvalidRequest names the field."""
-        engine = self.engine
-        check_model(engine.model_name, request.model)
-        sampling = sampling_from_proto(request.sampling, max_output_tokens=engine.max_context_tokens)
-        prompt = check_prompt(request.prompt_token_ids, vocab_size=engine.tokenizer.vocab_size,
-                              max_context_tokens=engine.max_context_tokens, max_tokens=sampling.max_tokens,
-                              model=engine.model_name)
-        return sampling, prompt
-
-
-class WorkerRole(abc.ABC):
-    """A prefill or decode role: its servicers and its part of the load report."""
-
-    role: common_pb2.Role.ValueType
-    role_name: str
-    service_names: Sequence[str]
-
-    @abc.abstractmethod
-    def mount(self, ctx: WorkerContext, server: grpc.aio.Server) -> None:
-        """Adds the role's servicers to `server` (called once, before start)."""
-
-    async def started(self, endpoint: str) -> None:  # noqa: B027 - optional hook
-        """Called once the gRPC server is bound, with the endpoint others dial."""
-
-    def fill_load(self, report: worker_pb2.LoadReport) -> None:  # noqa: B027 - optional hook
-        """Adds role-specific counters to a load report (default: nothing)."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Frees the role's resources (KV handles...). Safe to call twice."""
-
-
-def _load_snapshot(ctx: WorkerContext, role: WorkerRole) -> worker_pb2.LoadReport:
+def _load_snapshot(ctx: WorkerContext, roles: Sequence[WorkerRole]) -> worker_pb2.LoadReport:
     stats = ctx.engine.stats()
     report = worker_pb2.LoadReport(
         worker_id=ctx.worker_id,
@@ -111,31 +73,38 @@ def _load_snapshot(ctx: WorkerContext, role: WorkerRole) -> worker_pb2.LoadRepor
         kv_blocks_used=stats.kv_blocks_used,
         kv_blocks_total=stats.kv_blocks_total,
         kv_block_size_tokens=stats.kv_block_size,
-        draining=ctx.admission.draining,
+        # A switching worker takes no new work either: routers stop sending it some before etcd tells them.
+        draining=ctx.admission.draining or ctx.gate.switching,
         max_batch_size=stats.max_batch_size,
         prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
     )
-    role.fill_load(report)
+    for role in roles:
+        role.fill_load(report)
     return report
 
 
-async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
-    """Runs a worker until SIGTERM/SIGINT; returns the process exit status."""
-    worker_id = settings.resolved_worker_id(role.role_name)
+async def run_worker(settings: WorkerSettings, start_role: Role) -> int:
+    """Runs a worker, starting in `start_role`, until SIGTERM/SIGINT; returns the process exit status."""
+    worker_id = settings.resolved_worker_id(role_name(start_role))
     node = settings.resolved_node()
     metrics = MetricsEndpoint(settings.metrics_listen) if settings.metrics_listen else None
     engine = create_engine(settings.engine, settings.engine_config())
+    switchable = switchable_roles(type(engine).serves_both_roles)
     admission = Admission(worker_id, settings.max_queued_requests, settings.max_requests_per_peer)
+    gate = RoleGate(worker_id, start_role)
+    roles: tuple[WorkerRole, ...] = (PrefillRole(), DecodeRole())
     tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca) \
         if settings.tls_cert and settings.tls_key else None
-    service = GrpcService(settings.listen, service_names=[*role.service_names, "tandem.v1.Worker"], tls=tls)
+    service = GrpcService(settings.listen, service_names=[*(n for r in roles for n in r.service_names),
+                                                          "tandem.v1.Worker"], tls=tls)
     host = settings.advertise_host or socket.gethostname()
-    ctx = WorkerContext(settings, role.role, worker_id, node, host, engine, admission,
-                        WorkerMetrics(role.role_name, worker_id, lambda: _load_snapshot(ctx, role),
-                                      model=engine.model_name))
-    role.mount(ctx, service.server)
+    ctx = WorkerContext(settings, worker_id, node, host, engine, admission,
+                        WorkerMetrics(role_name(start_role), worker_id, lambda: _load_snapshot(ctx, roles),
+                                      model=engine.model_name), gate)
+    for role in roles:
+        role.mount(ctx, service.server)
     worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, role), engine.kv_events),
+        WorkerLoadServicer(LoadReporter(lambda: _load_snapshot(ctx, roles), engine.kv_events),
                            min_interval_ms=settings.min_load_interval_ms,
                            max_watchers=settings.max_load_watchers), service.server)
 
@@ -143,11 +112,15 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
     install_stop_signals(stop)
     port = await service.start(serving=False)
     endpoint = advertised_endpoint(settings.listen, port, settings.advertise_host)
-    await role.started(endpoint)
-    record = _starting_record(settings, role, worker_id, node, endpoint, host, metrics)
+    for role in roles:
+        await role.started(endpoint)
+    record = _starting_record(settings, start_role, switchable, worker_id, node, endpoint, host, metrics)
+    switcher = RoleSwitcher(gate=gate, admission=admission, registration=lambda: registration,
+                            metrics=ctx.metrics, switchable=switchable, grace_s=settings.role_switch_grace)
 
     async def on_drain(wanted: bool) -> None:
         if wanted:
+            switcher.abandon()
             admission.start_draining()
             if metrics is not None:
                 metrics.draining()
@@ -163,8 +136,9 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
             await registration.register_again()
             await registration.set_state(registry_pb2.WORKER_STATE_READY)
             await service.set_serving(True)
+            switcher.reconsider()
 
-    registration = WorkerRegistration(settings, record, on_drain)
+    registration = WorkerRegistration(settings, record, on_drain, switcher.on_intent)
     status = 0
     try:
         await registration.start()
@@ -183,27 +157,33 @@ async def run_worker(settings: WorkerSettings, role: WorkerRole) -> int:
             log.error("engine failed to start: %s", exc)
             return EXIT_ENGINE_FAILED
         _describe_engine(record, engine)
+        # An intent set before this process started (or while it loaded) names the role it first serves.
+        record.role = switcher.role_at_start(await registration.role_intent(timeout=settings.lease_ttl))
+        record.role_since_unix_ms = int(time.time() * 1000)
+        switcher.ready = True
         if not admission.draining:
             await registration.set_state(registry_pb2.WORKER_STATE_READY)
             await service.set_serving(True)
+            switcher.reconsider()  # an intent changed while READY was written
         announce_ready(settings.ready_file, endpoint=endpoint, worker_id=worker_id, pid=os.getpid(),
                        metrics_port=metrics.port if metrics else 0)
-        log.info("worker ready", extra={"worker_id": worker_id, "endpoint": endpoint})
+        log.info("worker ready", extra={"worker_id": worker_id, "endpoint": endpoint, "role": role_name(gate.role)})
         await stop.wait()
     finally:
         if metrics is not None:
             metrics.draining()
-        status = await _shutdown(settings, service, admission, registration, role, engine)
+        await switcher.close()
+        status = await _shutdown(settings, service, admission, registration, roles, engine)
         if metrics is not None:
             metrics.close()
     return status
 
 
-def _starting_record(settings: WorkerSettings, role: WorkerRole, worker_id: str, node: str, endpoint: str,
-                     host: str, metrics: MetricsEndpoint | None) -> registry_pb2.WorkerRecord:
+def _starting_record(settings: WorkerSettings, role: Role, switchable: Sequence[Role], worker_id: str, node: str,
+                     endpoint: str, host: str, metrics: MetricsEndpoint | None) -> registry_pb2.WorkerRecord:
     """The record a worker registers before its GPUs are claimed and its model is loaded (STARTING)."""
     return registry_pb2.WorkerRecord(
-        worker_id=worker_id, role=role.role, model=settings.served_model_name or settings.model,
+        worker_id=worker_id, role=role, switchable_roles=switchable, model=settings.served_model_name or settings.model,
         endpoint=endpoint, node=node, gpu_uuids=settings.gpu_uuid_list(), gpu_type=settings.gpu_type,
         gpu_count=settings.gpu_count, engine=settings.engine, state=registry_pb2.WORKER_STATE_STARTING,
         versions=registry_pb2.VersionInfo(tandem=tandem_version, api="tandem.v1"),
@@ -242,7 +222,7 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
 
 
 async def _shutdown(settings: WorkerSettings, service: GrpcService, admission: Admission,
-                    registration: WorkerRegistration, role: WorkerRole, engine: Engine) -> int:
+                    registration: WorkerRegistration, roles: Sequence[WorkerRole], engine: Engine) -> int:
     """Finishes accepted work, then leaves: never drops a request that was accepted."""
     admission.start_draining()
     try:
@@ -254,14 +234,15 @@ async def _shutdown(settings: WorkerSettings, service: GrpcService, admission: A
         log.warning("shutdown grace over with requests in flight", extra={"in_flight": admission.in_flight})
     await registration.close()
     await service.stop(grace=1.0)
-    await role.close()
+    for role in roles:
+        await role.close()
     await engine.close()
     log.info("worker stopped")
     return 0
 
 
-def main_for(role: WorkerRole, prog: str, section: str, argv: Sequence[str] | None = None) -> int:
-    """Console-script entry: parse settings, configure logs, run until stopped."""
+def main_for(start_role: Role, prog: str, section: str, argv: Sequence[str] | None = None) -> int:
+    """Console-script entry: parse settings, configure logs, run (starting in `start_role`) until stopped."""
     from runtime.config import ConfigError, load_config
     from runtime.logs import configure_logging
 
@@ -272,4 +253,4 @@ def main_for(role: WorkerRole, prog: str, section: str, argv: Sequence[str] | No
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     configure_logging(prog, settings.log_level, settings.log_format)
-    return asyncio.run(run_worker(settings, role))
+    return asyncio.run(run_worker(settings, start_role))

@@ -1,4 +1,4 @@
-"""A worker's presence in the registry: its record, GPU claims, and drain intent.
+"""A worker's presence in the registry: its record, GPU claims, and drain and role intents.
 
 Contract:
 - `start()` registers the record (state STARTING) under the worker's own
@@ -10,9 +10,13 @@ Contract:
   Once claimed, when the node agent's inventory lists the GPUs, the record's
   gpu_type and gpu_count are theirs (`gpus_from_inventory`), whatever the
   flags said; the next `set_state()` publishes them.
-- `set_state()` rewrites the record in place (same key, same lease).
+- `set_state()` rewrites the record in place (same key, same lease);
+  `set_role()` also changes its role (a live role switch).
 - Drain intents for this worker are watched; `on_drain(True/False)` is
   called when one appears or is removed (operators' `tandemctl drain`).
+  So are role intents: `on_role(intent or None)` on every change of this
+  worker's RoleIntent; it must not block (a switch runs in its own task).
+  `role_intent()` reads the current one once the watch has loaded.
 - `deregister()` revokes the lease: the record and claims vanish at once.
   `register_again()` undoes it. `close()` is safe to call twice.
 """
@@ -32,7 +36,7 @@ from registry.session import LeaseSession
 from registry.store import Registry
 from registry.view import RegistryView
 from runtime.tasks import cancel_and_wait
-from tandem.v1 import registry_pb2
+from tandem.v1 import common_pb2, registry_pb2
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -82,7 +86,8 @@ CLAIM_RETRY_MAX_S = 5.0
 
 class WorkerRegistration:
     def __init__(self, settings: WorkerSettings, record: registry_pb2.WorkerRecord,
-                 on_drain: Callable[[bool], Awaitable[None]]) -> None:
+                 on_drain: Callable[[bool], Awaitable[None]],
+                 on_role: Callable[[registry_pb2.RoleIntent | None], None] = lambda intent: None) -> None:
         self.settings = settings
         self.record = record
         self.keys = settings.keys()
@@ -90,9 +95,11 @@ class WorkerRegistration:
         self.registry = Registry(self.client, self.keys)
         self.session: LeaseSession | None = None
         self._on_drain = on_drain
+        self._on_role = on_role
         self._claimed: list[str] = []
-        self._view = RegistryView(self.client, self.keys, prefix=self.keys.kind_prefix(Kind.DRAIN),
-                                  kinds=[Kind.DRAIN])
+        # Both intents live under admin/ (cordons there are filtered out by kind).
+        self._view = RegistryView(self.client, self.keys, prefix=f"{self.keys.root}admin/",
+                                  kinds=[Kind.DRAIN, Kind.ROLE])
         self._watch_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -104,7 +111,7 @@ class WorkerRegistration:
         await self.client.connect()
         await self._open_session()
         self._view.start()
-        self._watch_task = asyncio.create_task(self._watch_drain(), name="drain-watch")
+        self._watch_task = asyncio.create_task(self._watch_intents(), name="intent-watch")
 
     async def _open_session(self) -> None:
         self.session = LeaseSession(self.client, ttl=self.settings.lease_ttl, name=self.worker_id)
@@ -167,6 +174,20 @@ class WorkerRegistration:
         if self.session is not None:
             await self.registry.register_worker(self.session, self.record)
 
+    async def set_role(self, role: common_pb2.Role.ValueType, state: registry_pb2.WorkerState.ValueType) -> None:
+        """Rewrites the record with `role` and `state`."""
+        self.record.role = role
+        await self.set_state(state)
+
+    async def role_intent(self, timeout: float) -> registry_pb2.RoleIntent | None:
+        """This worker's role intent, once the intent watch has loaded (None: none, or not loaded in `timeout`)."""
+        if not await self._view.wait_synced(timeout):
+            log.warning("role intents not loaded within %.0f s; starting in the configured role", timeout,
+                        extra={"worker_id": self.worker_id})
+            return None
+        entry = self._view.get(Kind.ROLE, self.worker_id)
+        return entry.record if entry is not None else None
+
     async def deregister(self) -> None:
         """Leaves the registry (record and claims) by revoking the lease."""
         if self.session is not None:
@@ -189,11 +210,20 @@ class WorkerRegistration:
         await self.deregister()
         await self.client.close()
 
-    async def _watch_drain(self) -> None:
+    async def _watch_intents(self) -> None:
         draining = False
+        role_revision = 0
         changes = self._view.changes()
         await self._view.wait_synced(timeout=3600)
         while True:
+            role_entry = self._view.get(Kind.ROLE, self.worker_id)
+            revision = role_entry.mod_revision if role_entry is not None else 0
+            if revision != role_revision:
+                role_revision = revision
+                try:
+                    self._on_role(role_entry.record if role_entry is not None else None)
+                except Exception:
+                    log.exception("role intent handler failed")
             wanted = self._view.get(Kind.DRAIN, self.worker_id) is not None
             if wanted != draining:
                 draining = wanted

@@ -75,6 +75,9 @@ class WorkerSettings(CommonSettings):
                                          "before RESOURCE_EXHAUSTED", min=1)
     min_load_interval_ms: int = setting(50, "WatchLoad: shortest report interval; a smaller requested one is "
                                         "raised to this", min=1, max=60_000, unit="ms")
+    role_switch_grace: float = setting(30.0, "live role switch: how long decode streams may run to their end "
+                                       "before they are handed over (the router continues them elsewhere)", min=0,
+                                       max=3600, unit="seconds")
     max_load_watchers: int = setting(64, "WatchLoad streams open at once before RESOURCE_EXHAUSTED", min=1)
     tls_cert: Path | None = setting(None, "serve TLS with this certificate")
     tls_key: Path | None = setting(None, "private key of --tls-cert")

@@ -30,12 +30,14 @@ COMMAND_MODULES = (
     "controlplane.cli.fleet",
     "controlplane.cli.intents",
     "controlplane.cli.models",
+    "controlplane.cli.roles",
+    "controlplane.cli.plan",
     "controlplane.cli.up",
 )
 
 app = typer.Typer(
     name="tandemctl",
-    help="Operate a Tandem fleet: inventory, workers, leases, drain and cordon, model specs.",
+    help="Operate a Tandem fleet: inventory, workers, leases, drain and cordon, role switches, model specs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -281,6 +281,10 @@ def workers(response: admin_pb2.ListWorkersResponse, now_ms: int, width: int | N
         if record.simulated:
             gpus_text += " (sim)"
         state = state_name(record.state)
+        if record.state == registry_pb2.WORKER_STATE_SWITCHING:
+            state += f" (to {role_name(record.role)})"
+        elif status.HasField("role_intent") and status.role_intent.role != record.role:
+            state += f" ({role_name(status.role_intent.role)} requested)"
         if status.HasField("drain") and record.state != registry_pb2.WORKER_STATE_DRAINING:
             state += " (drain requested)"
         health = (_with_reason(serving_name(status.health.status), status.health.reason)
@@ -380,6 +384,17 @@ def drained(response: admin_pb2.DrainWorkerResponse) -> str:
 def undrained(worker_id: str, response: admin_pb2.UndrainWorkerResponse) -> str:
     return (f"drain of worker {worker_id} withdrawn" if response.removed
             else f"worker {worker_id} had no drain request")
+
+
+def role_set(response: admin_pb2.SetWorkerRoleResponse) -> str:
+    intent = response.intent
+    return (f"worker {intent.worker_id} switches to {role_name(intent.role)}"
+            + (f" (reason: {intent.reason})" if intent.reason else ""))
+
+
+def role_cleared(worker_id: str, response: admin_pb2.ClearWorkerRoleResponse) -> str:
+    return (f"role request of worker {worker_id} withdrawn (it keeps its role)" if response.removed
+            else f"worker {worker_id} had no role request")
 
 
 def cordoned(response: admin_pb2.CordonNodeResponse) -> str:

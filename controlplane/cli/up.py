@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
 def up(
     engine: Annotated[str, typer.Option(help="worker engine: torch (a real model on CPU), sim, or vllm")] = "torch",
     model: Annotated[str, typer.Option(help=(
-        "model: 'tiny' or a checkpoint dir (torch), 'tiny-vllm' or a checkpoint dir (vllm), a profile (sim)"))] = "",
+        "model (default: smollm2-135m for torch, tiny-vllm for vllm, llama-3-8b for sim): smollm2-135m or a "
+        "checkpoint dir (torch, vllm), tiny (torch), tiny-vllm (vllm), a profile (sim)"))] = "",
     fleet: Annotated[str, typer.Option(help=(
         "simulated GPUs for --engine sim, e.g. H100-SXM:2,A100-80GB:4 (default: one H100-SXM per worker)"))] = "",
     prefill: Annotated[int, typer.Option(min=0, help="prefill workers (without --fleet)")] = 1,
@@ -58,13 +59,16 @@ def up(
     secure: Annotated[bool, typer.Option("--secure", help=(
         "certificates in STATE_DIR/pki, etcd with TLS and a user per process, mutual TLS on every hop, "
         "worker identities checked (docs/security.md)"))] = False,
+    planner: Annotated[str, typer.Option(help=(
+        "the control plane's role planner: off, recommend (plans only: tandemctl plan) or enact "
+        "(switches worker roles live as traffic changes; docs/planner.md)"))] = "recommend",
 ) -> None:
     """Start a whole factory here: etcd, agent, control plane, workers, router. Ctrl-C stops it all."""
     console = Console(stderr=True, highlight=False)
     options = FactoryOptions(engine=engine, model=model, fleet=fleet, prefill=prefill, decode=decode, etcd=etcd,
                              router_listen=router_listen, http_listen=http_listen, admin_listen=admin_listen,
                              state_dir=state_dir,
-                             lease_ttl=lease_ttl, speedup=speedup, metrics=metrics, secure=secure)
+                             lease_ttl=lease_ttl, speedup=speedup, metrics=metrics, secure=secure, planner=planner)
     try:
         # Checks every option; starts nothing.
         factory = LocalFactory(options, progress=lambda line: console.print(f"[dim]•[/dim] {line}"))

@@ -92,6 +92,14 @@ def build() -> dict[str, object]:
         panel("Leaders (should be 1)", [("sum(tandem_controlplane_is_leader)", "leaders")], "short", 12, 84,
               kind="stat", defaults={"thresholds": {"mode": "absolute", "steps": [
                   {"color": "red", "value": None}, {"color": "green", "value": 1}, {"color": "red", "value": 2}]}}),
+        row("Role planner (leader)", 92),
+        panel("Predicted goodput within SLO",
+              [("max by (model, assignment) (tandem_planner_predicted_goodput_rps)", "{{model}} {{assignment}}"),
+               ("max by (model) (tandem_planner_demand_arrival_rps)", "{{model}} arrivals")], "reqps", 0, 93),
+        panel("Planned workers by role and switches",
+              [("max by (model, role) (tandem_planner_planned_workers)", "{{model}} {{role}}"),
+               ("sum by (model, role) (increase(tandem_planner_switches_total[15m]))", "{{model}} to {{role}}")],
+              "short", 12, 93),
     ]
     for i, p in enumerate(panels):
         p["id"] = i + 1

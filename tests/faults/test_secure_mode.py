@@ -17,7 +17,7 @@ A decode worker handed a real KV handle re-pointed at a forged prefill record
 does not pull it. On etcd's side, what each component's certificate may write
 equals the pure permission plan, key by key: a worker's etcd user cannot write
 another worker's record, a verdict or an intent; the router's can write
-nothing. And the operator's path works as docs/security.md tells it:
+only its demand reports (the planner's input). And the operator's path works as docs/security.md tells it:
 `tandemctl up --secure` then `generate` with the operator's certificate, and
 `tandemctl certs` then `etcd-auth` against an etcd with TLS.
 """
@@ -324,7 +324,8 @@ async def test_etcd_enforces_the_permission_plan(tmp_path: Path) -> None:
         await fleet.provision_async(etcd.endpoint, workers, [NODE, "node-b"])
         targets = [keys.worker("decode-0"), keys.worker("decode-1"), keys.health("decode-0"), keys.drain("decode-1"),
                    keys.cordon(NODE), keys.node(NODE), keys.node("node-b"), keys.gpu_claim("GPU-0"),
-                   keys.gpu_claim("GPU-1"), keys.model(MODEL)]
+                   keys.gpu_claim("GPU-1"), keys.model(MODEL), keys.role("decode-0"), keys.plan(MODEL),
+                   keys.demand("router-0")]
         users = {"worker-decode-0": "worker:decode-0", "agent-node-b": "agent:node-b",
                  "router": "tandem-router", "controlplane": "tandem-controlplane"}
         outcomes = {}
@@ -344,7 +345,8 @@ async def test_etcd_enforces_the_permission_plan(tmp_path: Path) -> None:
         assert outcomes["worker:decode-0", keys.worker("decode-0")]
         assert not outcomes["worker:decode-0", keys.worker("decode-1")], "a worker wrote another worker's record"
         assert not outcomes["worker:decode-0", keys.health("decode-0")], "a worker wrote its own verdict"
-        assert not any(outcomes["tandem-router", key] for key in targets), "the router wrote to etcd"
+        assert [key for key in targets if outcomes["tandem-router", key]] == [keys.demand("router-0")], \
+            "the router wrote more than its demand report"
         # A certificate of another CA does not even get a connection.
         other, _ = pki.ensure_ca(tmp_path / "other")
         pki.issue_into(tmp_path / "other", other, [pki.CertSpec("root", "root")])

@@ -15,7 +15,7 @@ def test_every_admin_method_is_a_read_or_needs_the_token() -> None:
     methods = admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods
     mutations = {m.name for m in methods if requires_token(f"/tandem.v1.Admin/{m.name}")}
     assert mutations == {"DrainWorker", "UndrainWorker", "CordonNode", "UncordonNode", "PutModelSpec",
-                         "DeleteModelSpec"}
+                         "DeleteModelSpec", "SetWorkerRole", "ClearWorkerRole"}
     assert READ_METHODS == {m.name for m in methods} - mutations
     assert not requires_token("/grpc.health.v1.Health/Check")
     assert requires_token("/tandem.v1.Admin/SomethingAddedLater"), "new Admin methods default to protected"

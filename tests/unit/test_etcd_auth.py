@@ -26,7 +26,7 @@ KEYS = Keys()
 def every_key() -> list[str]:
     return [KEYS.worker("d0"), KEYS.worker("d1"), KEYS.worker("d01"), KEYS.node("n1"), KEYS.node("n2"),
             KEYS.gpu_claim("GPU-a"), KEYS.gpu_claim("GPU-b"), KEYS.health("d0"), KEYS.drain("d0"), KEYS.cordon("n1"),
-            KEYS.model("m"), KEYS.election(7)]
+            KEYS.model("m"), KEYS.election(7), KEYS.role("d0"), KEYS.plan("m"), KEYS.demand("r1")]
 
 
 def writable(role: RolePlan) -> set[str]:
@@ -53,12 +53,12 @@ def test_an_agent_writes_its_node_only() -> None:
 
 def test_the_control_plane_writes_verdicts_intents_models_and_its_election_but_no_record() -> None:
     assert writable(controlplane_role(KEYS)) == {KEYS.health("d0"), KEYS.drain("d0"), KEYS.cordon("n1"),
-                                                 KEYS.model("m"), KEYS.election(7)}
+                                                 KEYS.model("m"), KEYS.election(7), KEYS.role("d0"), KEYS.plan("m")}
 
 
-def test_the_router_only_reads() -> None:
+def test_the_router_writes_only_demand_reports() -> None:
     role = router_role(KEYS)
-    assert writable(role) == set()
+    assert writable(role) == {KEYS.demand("r1")}
     assert all(allowed(role, key, write=False) for key in every_key())
 
 

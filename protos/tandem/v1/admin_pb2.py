@@ -26,7 +26,7 @@ from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 from tandem.v1 import registry_pb2 as tandem_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x18tandem/v1/registry.proto\"\x14\n\x12\x46leetStatusRequest\"\x99\x01\n\x0fGpuModelSummary\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\r\n\x05total\x18\x02 \x01(\r\x12\x0f\n\x07prefill\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65\x63ode\x18\x04 \x01(\r\x12\x0f\n\x07unified\x18\x05 \x01(\r\x12\x0c\n\x04idle\x18\x06 \x01(\r\x12\x11\n\tunhealthy\x18\x07 \x01(\r\x12\x11\n\tsimulated\x18\x08 \x01(\r\"\xb5\x02\n\x13\x46leetStatusResponse\x12.\n\ngpu_models\x18\x01 \x03(\x0b\x32\x1a.tandem.v1.GpuModelSummary\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x16\n\x0e\x63ordoned_nodes\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\x15\n\rworkers_ready\x18\x05 \x01(\r\x12\x18\n\x10workers_draining\x18\x06 \x01(\r\x12\x1b\n\x13workers_not_serving\x18\x07 \x01(\r\x12\'\n\x06leader\x18\x08 \x01(\x0b\x32\x17.tandem.v1.LeaderRecord\x12\x13\n\x0b\x61nswered_by\x18\t \x01(\t\x12\x10\n\x08revision\x18\n \x01(\x03\x12\x18\n\x10view_staleness_s\x18\x0b \x01(\x01\"\x12\n\x10ListNodesRequest\"n\n\nNodeStatus\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.tandem.v1.NodeRecord\x12\x10\n\x08\x63ordoned\x18\x02 \x01(\x08\x12\'\n\x06\x63ordon\x18\x03 \x01(\x0b\x32\x17.tandem.v1.CordonIntent\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.tandem.v1.NodeStatus\"\x1f\n\x0fListGpusRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x7f\n\tGpuStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1f\n\x03gpu\x18\x02 \x01(\x0b\x32\x12.tandem.v1.GpuInfo\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x11\n\tsimulated\x18\x05 \x01(\x08\"6\n\x10ListGpusResponse\x12\"\n\x04gpus\x18\x01 \x03(\x0b\x32\x14.tandem.v1.GpuStatus\"P\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0c\n\x04node\x18\x03 \x01(\t\"\xb1\x01\n\x0cWorkerStatus\x12\'\n\x06record\x18\x01 \x01(\x0b\x32\x17.tandem.v1.WorkerRecord\x12(\n\x06health\x18\x02 \x01(\x0b\x32\x18.tandem.v1.HealthVerdict\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x16.tandem.v1.DrainIntent\x12\x15\n\rnode_cordoned\x18\x04 \x01(\x08\x12\x10\n\x08routable\x18\x05 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\"\x13\n\x11ListLeasesRequest\"k\n\tLeaseInfo\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x15\n\rgranted_ttl_s\x18\x02 \x01(\x03\x12\x17\n\x0fremaining_ttl_s\x18\x03 \x01(\x03\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0e\n\x06holder\x18\x05 \x01(\t\":\n\x12ListLeasesResponse\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.tandem.v1.LeaseInfo\"7\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x13\x44rainWorkerResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.tandem.v1.DrainIntent\")\n\x14UndrainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"(\n\x15UndrainWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"1\n\x11\x43ordonNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x12\x43ordonNodeResponse\x12\'\n\x06intent\x18\x01 \x01(\x0b\x32\x17.tandem.v1.CordonIntent\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\'\n\x14UncordonNodeResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x17\n\x15ListModelSpecsRequest\">\n\x16ListModelSpecsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelSpec\"9\n\x13PutModelSpecRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tandem.v1.ModelSpec\":\n\x14PutModelSpecResponse\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tandem.v1.ModelSpec\"&\n\x16\x44\x65leteModelSpecRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteModelSpecResponse2\xbb\x07\n\x05\x41\x64min\x12L\n\x0b\x46leetStatus\x12\x1d.tandem.v1.FleetStatusRequest\x1a\x1e.tandem.v1.FleetStatusResponse\x12\x46\n\tListNodes\x12\x1b.tandem.v1.ListNodesRequest\x1a\x1c.tandem.v1.ListNodesResponse\x12\x43\n\x08ListGpus\x12\x1a.tandem.v1.ListGpusRequest\x1a\x1b.tandem.v1.ListGpusResponse\x12L\n\x0bListWorkers\x12\x1d.tandem.v1.ListWorkersRequest\x1a\x1e.tandem.v1.ListWorkersResponse\x12I\n\nListLeases\x12\x1c.tandem.v1.ListLeasesRequest\x1a\x1d.tandem.v1.ListLeasesResponse\x12L\n\x0b\x44rainWorker\x12\x1d.tandem.v1.DrainWorkerRequest\x1a\x1e.tandem.v1.DrainWorkerResponse\x12R\n\rUndrainWorker\x12\x1f.tandem.v1.UndrainWorkerRequest\x1a .tandem.v1.UndrainWorkerResponse\x12I\n\nCordonNode\x12\x1c.tandem.v1.CordonNodeRequest\x1a\x1d.tandem.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.tandem.v1.UncordonNodeRequest\x1a\x1f.tandem.v1.UncordonNodeResponse\x12U\n\x0eListModelSpecs\x12 .tandem.v1.ListModelSpecsRequest\x1a!.tandem.v1.ListModelSpecsResponse\x12O\n\x0cPutModelSpec\x12\x1e.tandem.v1.PutModelSpecRequest\x1a\x1f.tandem.v1.PutModelSpecResponse\x12X\n\x0f\x44\x65leteModelSpec\x12!.tandem.v1.DeleteModelSpecRequest\x1a\".tandem.v1.DeleteModelSpecResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x18tandem/v1/registry.proto\"\x14\n\x12\x46leetStatusRequest\"\x99\x01\n\x0fGpuModelSummary\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\r\n\x05total\x18\x02 \x01(\r\x12\x0f\n\x07prefill\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65\x63ode\x18\x04 \x01(\r\x12\x0f\n\x07unified\x18\x05 \x01(\r\x12\x0c\n\x04idle\x18\x06 \x01(\r\x12\x11\n\tunhealthy\x18\x07 \x01(\r\x12\x11\n\tsimulated\x18\x08 \x01(\r\"\xb5\x02\n\x13\x46leetStatusResponse\x12.\n\ngpu_models\x18\x01 \x03(\x0b\x32\x1a.tandem.v1.GpuModelSummary\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x16\n\x0e\x63ordoned_nodes\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\x15\n\rworkers_ready\x18\x05 \x01(\r\x12\x18\n\x10workers_draining\x18\x06 \x01(\r\x12\x1b\n\x13workers_not_serving\x18\x07 \x01(\r\x12\'\n\x06leader\x18\x08 \x01(\x0b\x32\x17.tandem.v1.LeaderRecord\x12\x13\n\x0b\x61nswered_by\x18\t \x01(\t\x12\x10\n\x08revision\x18\n \x01(\x03\x12\x18\n\x10view_staleness_s\x18\x0b \x01(\x01\"\x12\n\x10ListNodesRequest\"n\n\nNodeStatus\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.tandem.v1.NodeRecord\x12\x10\n\x08\x63ordoned\x18\x02 \x01(\x08\x12\'\n\x06\x63ordon\x18\x03 \x01(\x0b\x32\x17.tandem.v1.CordonIntent\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.tandem.v1.NodeStatus\"\x1f\n\x0fListGpusRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x7f\n\tGpuStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1f\n\x03gpu\x18\x02 \x01(\x0b\x32\x12.tandem.v1.GpuInfo\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x11\n\tsimulated\x18\x05 \x01(\x08\"6\n\x10ListGpusResponse\x12\"\n\x04gpus\x18\x01 \x03(\x0b\x32\x14.tandem.v1.GpuStatus\"P\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0c\n\x04node\x18\x03 \x01(\t\"\xdd\x01\n\x0cWorkerStatus\x12\'\n\x06record\x18\x01 \x01(\x0b\x32\x17.tandem.v1.WorkerRecord\x12(\n\x06health\x18\x02 \x01(\x0b\x32\x18.tandem.v1.HealthVerdict\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x16.tandem.v1.DrainIntent\x12\x15\n\rnode_cordoned\x18\x04 \x01(\x08\x12*\n\x0brole_intent\x18\x06 \x01(\x0b\x32\x15.tandem.v1.RoleIntent\x12\x10\n\x08routable\x18\x05 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\"\x13\n\x11ListLeasesRequest\"k\n\tLeaseInfo\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x15\n\rgranted_ttl_s\x18\x02 \x01(\x03\x12\x17\n\x0fremaining_ttl_s\x18\x03 \x01(\x03\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0e\n\x06holder\x18\x05 \x01(\t\":\n\x12ListLeasesResponse\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.tandem.v1.LeaseInfo\"7\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x13\x44rainWorkerResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.tandem.v1.DrainIntent\")\n\x14UndrainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"(\n\x15UndrainWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"1\n\x11\x43ordonNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x12\x43ordonNodeResponse\x12\'\n\x06intent\x18\x01 \x01(\x0b\x32\x17.tandem.v1.CordonIntent\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\'\n\x14UncordonNodeResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x17\n\x15ListModelSpecsRequest\">\n\x16ListModelSpecsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelSpec\"9\n\x13PutModelSpecRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tandem.v1.ModelSpec\":\n\x14PutModelSpecResponse\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.tandem.v1.ModelSpec\"&\n\x16\x44\x65leteModelSpecRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteModelSpecResponse\"X\n\x14SetWorkerRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x15SetWorkerRoleResponse\x12%\n\x06intent\x18\x01 \x01(\x0b\x32\x15.tandem.v1.RoleIntent\"+\n\x16\x43learWorkerRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"*\n\x17\x43learWorkerRoleResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x1f\n\x0eGetPlanRequest\x12\r\n\x05model\x18\x01 \x01(\t\"7\n\x0fGetPlanResponse\x12$\n\x05plans\x18\x01 \x03(\x0b\x32\x15.tandem.v1.PlanRecord2\xab\t\n\x05\x41\x64min\x12L\n\x0b\x46leetStatus\x12\x1d.tandem.v1.FleetStatusRequest\x1a\x1e.tandem.v1.FleetStatusResponse\x12\x46\n\tListNodes\x12\x1b.tandem.v1.ListNodesRequest\x1a\x1c.tandem.v1.ListNodesResponse\x12\x43\n\x08ListGpus\x12\x1a.tandem.v1.ListGpusRequest\x1a\x1b.tandem.v1.ListGpusResponse\x12L\n\x0bListWorkers\x12\x1d.tandem.v1.ListWorkersRequest\x1a\x1e.tandem.v1.ListWorkersResponse\x12I\n\nListLeases\x12\x1c.tandem.v1.ListLeasesRequest\x1a\x1d.tandem.v1.ListLeasesResponse\x12L\n\x0b\x44rainWorker\x12\x1d.tandem.v1.DrainWorkerRequest\x1a\x1e.tandem.v1.DrainWorkerResponse\x12R\n\rUndrainWorker\x12\x1f.tandem.v1.UndrainWorkerRequest\x1a .tandem.v1.UndrainWorkerResponse\x12I\n\nCordonNode\x12\x1c.tandem.v1.CordonNodeRequest\x1a\x1d.tandem.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.tandem.v1.UncordonNodeRequest\x1a\x1f.tandem.v1.UncordonNodeResponse\x12U\n\x0eListModelSpecs\x12 .tandem.v1.ListModelSpecsRequest\x1a!.tandem.v1.ListModelSpecsResponse\x12O\n\x0cPutModelSpec\x12\x1e.tandem.v1.PutModelSpecRequest\x1a\x1f.tandem.v1.PutModelSpecResponse\x12X\n\x0f\x44\x65leteModelSpec\x12!.tandem.v1.DeleteModelSpecRequest\x1a\".tandem.v1.DeleteModelSpecResponse\x12R\n\rSetWorkerRole\x12\x1f.tandem.v1.SetWorkerRoleRequest\x1a .tandem.v1.SetWorkerRoleResponse\x12X\n\x0f\x43learWorkerRole\x12!.tandem.v1.ClearWorkerRoleRequest\x1a\".tandem.v1.ClearWorkerRoleResponse\x12@\n\x07GetPlan\x12\x19.tandem.v1.GetPlanRequest\x1a\x1a.tandem.v1.GetPlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,43 +54,55 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSREQUEST']._serialized_start=985
   _globals['_LISTWORKERSREQUEST']._serialized_end=1065
   _globals['_WORKERSTATUS']._serialized_start=1068
-  _globals['_WORKERSTATUS']._serialized_end=1245
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1247
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1310
-  _globals['_LISTLEASESREQUEST']._serialized_start=1312
-  _globals['_LISTLEASESREQUEST']._serialized_end=1331
-  _globals['_LEASEINFO']._serialized_start=1333
-  _globals['_LEASEINFO']._serialized_end=1440
-  _globals['_LISTLEASESRESPONSE']._serialized_start=1442
-  _globals['_LISTLEASESRESPONSE']._serialized_end=1500
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1502
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1557
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1559
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1620
-  _globals['_UNDRAINWORKERREQUEST']._serialized_start=1622
-  _globals['_UNDRAINWORKERREQUEST']._serialized_end=1663
-  _globals['_UNDRAINWORKERRESPONSE']._serialized_start=1665
-  _globals['_UNDRAINWORKERRESPONSE']._serialized_end=1705
-  _globals['_CORDONNODEREQUEST']._serialized_start=1707
-  _globals['_CORDONNODEREQUEST']._serialized_end=1756
-  _globals['_CORDONNODERESPONSE']._serialized_start=1758
-  _globals['_CORDONNODERESPONSE']._serialized_end=1819
-  _globals['_UNCORDONNODEREQUEST']._serialized_start=1821
-  _globals['_UNCORDONNODEREQUEST']._serialized_end=1856
-  _globals['_UNCORDONNODERESPONSE']._serialized_start=1858
-  _globals['_UNCORDONNODERESPONSE']._serialized_end=1897
-  _globals['_LISTMODELSPECSREQUEST']._serialized_start=1899
-  _globals['_LISTMODELSPECSREQUEST']._serialized_end=1922
-  _globals['_LISTMODELSPECSRESPONSE']._serialized_start=1924
-  _globals['_LISTMODELSPECSRESPONSE']._serialized_end=1986
-  _globals['_PUTMODELSPECREQUEST']._serialized_start=1988
-  _globals['_PUTMODELSPECREQUEST']._serialized_end=2045
-  _globals['_PUTMODELSPECRESPONSE']._serialized_start=2047
-  _globals['_PUTMODELSPECRESPONSE']._serialized_end=2105
-  _globals['_DELETEMODELSPECREQUEST']._serialized_start=2107
-  _globals['_DELETEMODELSPECREQUEST']._serialized_end=2145
-  _globals['_DELETEMODELSPECRESPONSE']._serialized_start=2147
-  _globals['_DELETEMODELSPECRESPONSE']._serialized_end=2172
-  _globals['_ADMIN']._serialized_start=2175
-  _globals['_ADMIN']._serialized_end=3130
+  _globals['_WORKERSTATUS']._serialized_end=1289
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1291
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1354
+  _globals['_LISTLEASESREQUEST']._serialized_start=1356
+  _globals['_LISTLEASESREQUEST']._serialized_end=1375
+  _globals['_LEASEINFO']._serialized_start=1377
+  _globals['_LEASEINFO']._serialized_end=1484
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1486
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1544
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1546
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1601
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1603
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1664
+  _globals['_UNDRAINWORKERREQUEST']._serialized_start=1666
+  _globals['_UNDRAINWORKERREQUEST']._serialized_end=1707
+  _globals['_UNDRAINWORKERRESPONSE']._serialized_start=1709
+  _globals['_UNDRAINWORKERRESPONSE']._serialized_end=1749
+  _globals['_CORDONNODEREQUEST']._serialized_start=1751
+  _globals['_CORDONNODEREQUEST']._serialized_end=1800
+  _globals['_CORDONNODERESPONSE']._serialized_start=1802
+  _globals['_CORDONNODERESPONSE']._serialized_end=1863
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=1865
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=1900
+  _globals['_UNCORDONNODERESPONSE']._serialized_start=1902
+  _globals['_UNCORDONNODERESPONSE']._serialized_end=1941
+  _globals['_LISTMODELSPECSREQUEST']._serialized_start=1943
+  _globals['_LISTMODELSPECSREQUEST']._serialized_end=1966
+  _globals['_LISTMODELSPECSRESPONSE']._serialized_start=1968
+  _globals['_LISTMODELSPECSRESPONSE']._serialized_end=2030
+  _globals['_PUTMODELSPECREQUEST']._serialized_start=2032
+  _globals['_PUTMODELSPECREQUEST']._serialized_end=2089
+  _globals['_PUTMODELSPECRESPONSE']._serialized_start=2091
+  _globals['_PUTMODELSPECRESPONSE']._serialized_end=2149
+  _globals['_DELETEMODELSPECREQUEST']._serialized_start=2151
+  _globals['_DELETEMODELSPECREQUEST']._serialized_end=2189
+  _globals['_DELETEMODELSPECRESPONSE']._serialized_start=2191
+  _globals['_DELETEMODELSPECRESPONSE']._serialized_end=2216
+  _globals['_SETWORKERROLEREQUEST']._serialized_start=2218
+  _globals['_SETWORKERROLEREQUEST']._serialized_end=2306
+  _globals['_SETWORKERROLERESPONSE']._serialized_start=2308
+  _globals['_SETWORKERROLERESPONSE']._serialized_end=2370
+  _globals['_CLEARWORKERROLEREQUEST']._serialized_start=2372
+  _globals['_CLEARWORKERROLEREQUEST']._serialized_end=2415
+  _globals['_CLEARWORKERROLERESPONSE']._serialized_start=2417
+  _globals['_CLEARWORKERROLERESPONSE']._serialized_end=2459
+  _globals['_GETPLANREQUEST']._serialized_start=2461
+  _globals['_GETPLANREQUEST']._serialized_end=2492
+  _globals['_GETPLANRESPONSE']._serialized_start=2494
+  _globals['_GETPLANRESPONSE']._serialized_end=2549
+  _globals['_ADMIN']._serialized_start=2552
+  _globals['_ADMIN']._serialized_end=3747
 # @@protoc_insertion_point(module_scope)

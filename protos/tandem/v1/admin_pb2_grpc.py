@@ -96,6 +96,21 @@ class AdminStub:
                 request_serializer=tandem_dot_v1_dot_admin__pb2.DeleteModelSpecRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_admin__pb2.DeleteModelSpecResponse.FromString,
                 _registered_method=True)
+        self.SetWorkerRole = channel.unary_unary(
+                '/tandem.v1.Admin/SetWorkerRole',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.SetWorkerRoleRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.SetWorkerRoleResponse.FromString,
+                _registered_method=True)
+        self.ClearWorkerRole = channel.unary_unary(
+                '/tandem.v1.Admin/ClearWorkerRole',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.ClearWorkerRoleRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.ClearWorkerRoleResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/tandem.v1.Admin/GetPlan',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.GetPlanResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -183,6 +198,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetWorkerRole(self, request, context):
+        """Asks a worker to switch role live (a RoleIntent). NOT_FOUND for an
+        unknown worker; FAILED_PRECONDITION when the worker cannot take the
+        role without a restart. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearWorkerRole(self, request, context):
+        """Removes a worker's role intent (its current role stays).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """The planner's latest plan per model (all models when `model` is empty).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +283,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteModelSpec,
                     request_deserializer=tandem_dot_v1_dot_admin__pb2.DeleteModelSpecRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_admin__pb2.DeleteModelSpecResponse.SerializeToString,
+            ),
+            'SetWorkerRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkerRole,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.SetWorkerRoleRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.SetWorkerRoleResponse.SerializeToString,
+            ),
+            'ClearWorkerRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearWorkerRole,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.ClearWorkerRoleRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.ClearWorkerRoleResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.GetPlanRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.GetPlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -573,6 +626,87 @@ class Admin:
             '/tandem.v1.Admin/DeleteModelSpec',
             tandem_dot_v1_dot_admin__pb2.DeleteModelSpecRequest.SerializeToString,
             tandem_dot_v1_dot_admin__pb2.DeleteModelSpecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkerRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/SetWorkerRole',
+            tandem_dot_v1_dot_admin__pb2.SetWorkerRoleRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.SetWorkerRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearWorkerRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/ClearWorkerRole',
+            tandem_dot_v1_dot_admin__pb2.ClearWorkerRoleRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.ClearWorkerRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/GetPlan',
+            tandem_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.GetPlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,15 @@ class AdminStub:
     """Creates or replaces a model spec. INVALID_ARGUMENT for bad values."""
     DeleteModelSpec: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteModelSpecRequest, _admin_pb2.DeleteModelSpecResponse]
     """NOT_FOUND when absent."""
+    SetWorkerRole: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetWorkerRoleRequest, _admin_pb2.SetWorkerRoleResponse]
+    """Asks a worker to switch role live (a RoleIntent). NOT_FOUND for an
+    unknown worker; FAILED_PRECONDITION when the worker cannot take the
+    role without a restart. Idempotent.
+    """
+    ClearWorkerRole: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ClearWorkerRoleRequest, _admin_pb2.ClearWorkerRoleResponse]
+    """Removes a worker's role intent (its current role stays)."""
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.GetPlanResponse]
+    """The planner's latest plan per model (all models when `model` is empty)."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -89,6 +98,15 @@ class AdminAsyncStub(AdminStub):
     """Creates or replaces a model spec. INVALID_ARGUMENT for bad values."""
     DeleteModelSpec: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteModelSpecRequest, _admin_pb2.DeleteModelSpecResponse]  # type: ignore[assignment]
     """NOT_FOUND when absent."""
+    SetWorkerRole: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetWorkerRoleRequest, _admin_pb2.SetWorkerRoleResponse]  # type: ignore[assignment]
+    """Asks a worker to switch role live (a RoleIntent). NOT_FOUND for an
+    unknown worker; FAILED_PRECONDITION when the worker cannot take the
+    role without a restart. Idempotent.
+    """
+    ClearWorkerRole: _aio.UnaryUnaryMultiCallable[_admin_pb2.ClearWorkerRoleRequest, _admin_pb2.ClearWorkerRoleResponse]  # type: ignore[assignment]
+    """Removes a worker's role intent (its current role stays)."""
+    GetPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.GetPlanResponse]  # type: ignore[assignment]
+    """The planner's latest plan per model (all models when `model` is empty)."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Fleet administration: inventory, workers, leases, drain and cordon, model
@@ -187,5 +205,32 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteModelSpecResponse, _abc.Awaitable[_admin_pb2.DeleteModelSpecResponse]]:
         """NOT_FOUND when absent."""
+
+    @_abc_1.abstractmethod
+    def SetWorkerRole(
+        self,
+        request: _admin_pb2.SetWorkerRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetWorkerRoleResponse, _abc.Awaitable[_admin_pb2.SetWorkerRoleResponse]]:
+        """Asks a worker to switch role live (a RoleIntent). NOT_FOUND for an
+        unknown worker; FAILED_PRECONDITION when the worker cannot take the
+        role without a restart. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearWorkerRole(
+        self,
+        request: _admin_pb2.ClearWorkerRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ClearWorkerRoleResponse, _abc.Awaitable[_admin_pb2.ClearWorkerRoleResponse]]:
+        """Removes a worker's role intent (its current role stays)."""
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _admin_pb2.GetPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetPlanResponse, _abc.Awaitable[_admin_pb2.GetPlanResponse]]:
+        """The planner's latest plan per model (all models when `model` is empty)."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -63,6 +63,11 @@ class _WorkerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerSta
     """Takes requests."""
     WORKER_STATE_DRAINING: _WorkerState.ValueType  # 3
     """Finishes in-flight work, takes no new requests, then deregisters."""
+    WORKER_STATE_SWITCHING: _WorkerState.ValueType  # 4
+    """Changing role (a RoleIntent): finishes or hands over the old role's
+    work, takes no new requests, then becomes READY in `role`. Not routable.
+    `role` already names the role it is switching to.
+    """
 
 class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper):
     """Lifecycle of a worker as it reports it."""
@@ -74,6 +79,11 @@ WORKER_STATE_READY: WorkerState.ValueType  # 2
 """Takes requests."""
 WORKER_STATE_DRAINING: WorkerState.ValueType  # 3
 """Finishes in-flight work, takes no new requests, then deregisters."""
+WORKER_STATE_SWITCHING: WorkerState.ValueType  # 4
+"""Changing role (a RoleIntent): finishes or hands over the old role's
+work, takes no new requests, then becomes READY in `role`. Not routable.
+`role` already names the role it is switching to.
+"""
 Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
 
 class _ServingStatus:
@@ -438,6 +448,8 @@ class WorkerRecord(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     MODEL_SHAPE_FIELD_NUMBER: _builtins.int
+    SWITCHABLE_ROLES_FIELD_NUMBER: _builtins.int
+    ROLE_SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     worker_id: _builtins.str
     role: _common_pb2.Role.ValueType
@@ -465,6 +477,8 @@ class WorkerRecord(_message.Message):
     """Lease the record is bound to (informational; etcd holds the truth)."""
     host: _builtins.str
     """Host name, for same-host transports (shm)."""
+    role_since_unix_ms: _builtins.int
+    """When the worker took its current role (start, or a switch's end)."""
     @_builtins.property
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -479,6 +493,12 @@ class WorkerRecord(_message.Message):
     def model_shape(self) -> Global___ModelShape:
         """Size and KV footprint of the served model, for the router's
         expected-time scoring; set once the engine has loaded it.
+        """
+
+    @_builtins.property
+    def switchable_roles(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Role.ValueType]:
+        """Roles this worker can take without a restart (a RoleIntent switches it
+        live, the model loaded once); empty: only `role`.
         """
 
     def __init__(
@@ -504,10 +524,12 @@ class WorkerRecord(_message.Message):
         lease_id: _builtins.int = ...,
         host: _builtins.str = ...,
         model_shape: Global___ModelShape | None = ...,
+        switchable_roles: _abc.Iterable[_common_pb2.Role.ValueType] | None = ...,
+        role_since_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "model_shape", b"model_shape", "versions", b"versions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "endpoint", b"endpoint", "engine", b"engine", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "gpu_uuids", b"gpu_uuids", "host", b"host", "kv_transports", b"kv_transports", "lease_id", b"lease_id", "metrics_endpoint", b"metrics_endpoint", "model", b"model", "model_shape", b"model_shape", "node", b"node", "role", b"role", "schema_version", b"schema_version", "simulated", b"simulated", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "versions", b"versions", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "endpoint", b"endpoint", "engine", b"engine", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "gpu_uuids", b"gpu_uuids", "host", b"host", "kv_transports", b"kv_transports", "lease_id", b"lease_id", "metrics_endpoint", b"metrics_endpoint", "model", b"model", "model_shape", b"model_shape", "node", b"node", "role", b"role", "role_since_unix_ms", b"role_since_unix_ms", "schema_version", b"schema_version", "simulated", b"simulated", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "switchable_roles", b"switchable_roles", "versions", b"versions", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,6 +652,51 @@ class DrainIntent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainIntent: _TypeAlias = DrainIntent  # noqa: Y015
+
+@_typing.final
+class RoleIntent(_message.Message):
+    """A request that a worker serve another role, live (tandemctl role set, or
+    the planner in enact mode). Persists until removed: a worker that
+    restarts takes it again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PLAN_GENERATION_FIELD_NUMBER: _builtins.int
+    schema_version: _builtins.int
+    worker_id: _builtins.str
+    role: _common_pb2.Role.ValueType
+    """ROLE_PREFILL or ROLE_DECODE (one of the record's switchable_roles)."""
+    requested_by: _builtins.str
+    """"operator" (Admin API caller) or "planner:<replica_id>"."""
+    requested_at_unix_ms: _builtins.int
+    reason: _builtins.str
+    plan_generation: _builtins.int
+    """The PlanRecord.generation that asked; 0 for an operator's intent."""
+    def __init__(
+        self,
+        *,
+        schema_version: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        role: _common_pb2.Role.ValueType = ...,
+        requested_by: _builtins.str = ...,
+        requested_at_unix_ms: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        plan_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan_generation", b"plan_generation", "reason", b"reason", "requested_at_unix_ms", b"requested_at_unix_ms", "requested_by", b"requested_by", "role", b"role", "schema_version", b"schema_version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleIntent: _TypeAlias = RoleIntent  # noqa: Y015
 
 @_typing.final
 class CordonIntent(_message.Message):
@@ -800,3 +867,212 @@ class LeaderRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaderRecord: _TypeAlias = LeaderRecord  # noqa: Y015
+
+@_typing.final
+class DemandReport(_message.Message):
+    """One router's recent traffic, per model: what the planner plans for.
+    Written by each router under its own lease every few seconds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_END_UNIX_MS_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    schema_version: _builtins.int
+    router_id: _builtins.str
+    window_end_unix_ms: _builtins.int
+    window_s: _builtins.float
+    """Length of the window the figures cover."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelDemand]: ...
+    def __init__(
+        self,
+        *,
+        schema_version: _builtins.int = ...,
+        router_id: _builtins.str = ...,
+        window_end_unix_ms: _builtins.int = ...,
+        window_s: _builtins.float = ...,
+        models: _abc.Iterable[Global___ModelDemand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "router_id", b"router_id", "schema_version", b"schema_version", "window_end_unix_ms", b"window_end_unix_ms", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DemandReport: _TypeAlias = DemandReport  # noqa: Y015
+
+@_typing.final
+class ModelDemand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ARRIVAL_RATE_RPS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_MEAN_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_P90_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_MEAN_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_P90_FIELD_NUMBER: _builtins.int
+    TTFT_MS_P50_FIELD_NUMBER: _builtins.int
+    TTFT_MS_P90_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_MS_P50_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_MS_P90_FIELD_NUMBER: _builtins.int
+    WITHIN_SLO_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    requests: _builtins.int
+    """Requests that arrived in the window, and their rate."""
+    arrival_rate_rps: _builtins.float
+    finished: _builtins.int
+    """Over the requests that finished in the window."""
+    failed: _builtins.int
+    prompt_tokens_mean: _builtins.float
+    prompt_tokens_p90: _builtins.float
+    output_tokens_mean: _builtins.float
+    output_tokens_p90: _builtins.float
+    ttft_ms_p50: _builtins.float
+    ttft_ms_p90: _builtins.float
+    inter_token_ms_p50: _builtins.float
+    inter_token_ms_p90: _builtins.float
+    within_slo: _builtins.int
+    """Requests that finished within the model's SLO (TTFT and inter-token)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        arrival_rate_rps: _builtins.float = ...,
+        finished: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        prompt_tokens_mean: _builtins.float = ...,
+        prompt_tokens_p90: _builtins.float = ...,
+        output_tokens_mean: _builtins.float = ...,
+        output_tokens_p90: _builtins.float = ...,
+        ttft_ms_p50: _builtins.float = ...,
+        ttft_ms_p90: _builtins.float = ...,
+        inter_token_ms_p50: _builtins.float = ...,
+        inter_token_ms_p90: _builtins.float = ...,
+        within_slo: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_rate_rps", b"arrival_rate_rps", "failed", b"failed", "finished", b"finished", "inter_token_ms_p50", b"inter_token_ms_p50", "inter_token_ms_p90", b"inter_token_ms_p90", "model", b"model", "output_tokens_mean", b"output_tokens_mean", "output_tokens_p90", b"output_tokens_p90", "prompt_tokens_mean", b"prompt_tokens_mean", "prompt_tokens_p90", b"prompt_tokens_p90", "requests", b"requests", "ttft_ms_p50", b"ttft_ms_p50", "ttft_ms_p90", b"ttft_ms_p90", "within_slo", b"within_slo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDemand: _TypeAlias = ModelDemand  # noqa: Y015
+
+@_typing.final
+class PlanRecord(_message.Message):
+    """The planner's latest plan for one model, written by the leader. Persists:
+    `tandemctl plan` reads it, and a new leader continues from it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    PLANNER_FIELD_NUMBER: _builtins.int
+    PLANNED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    DEMAND_FIELD_NUMBER: _builtins.int
+    SLO_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    CURRENT_GOODPUT_RPS_FIELD_NUMBER: _builtins.int
+    PLANNED_GOODPUT_RPS_FIELD_NUMBER: _builtins.int
+    BEST_GOODPUT_RPS_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    ENACTED_FIELD_NUMBER: _builtins.int
+    schema_version: _builtins.int
+    model: _builtins.str
+    generation: _builtins.int
+    """Increases with every plan the planner writes for the model."""
+    planner: _builtins.str
+    """Replica id of the control plane that planned."""
+    planned_at_unix_ms: _builtins.int
+    mode: _builtins.str
+    """"recommend" or "enact"."""
+    current_goodput_rps: _builtins.float
+    """Predicted goodput (requests/s served within the SLO) of the current
+    assignment, of the planned one, and of the best one without the
+    switching limits (dwell, cap, hysteresis).
+    """
+    planned_goodput_rps: _builtins.float
+    best_goodput_rps: _builtins.float
+    explanation: _builtins.str
+    """One line: what it predicts and why it changes what it changes, or why not."""
+    enacted: _builtins.bool
+    """True once the role intents of this plan's changes were written."""
+    @_builtins.property
+    def demand(self) -> Global___ModelDemand:
+        """What it saw: demand summed over every router's report."""
+
+    @_builtins.property
+    def slo(self) -> Global___ServiceLevelObjectives: ...
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedWorker]: ...
+    def __init__(
+        self,
+        *,
+        schema_version: _builtins.int = ...,
+        model: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        planner: _builtins.str = ...,
+        planned_at_unix_ms: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        demand: Global___ModelDemand | None = ...,
+        slo: Global___ServiceLevelObjectives | None = ...,
+        workers: _abc.Iterable[Global___PlannedWorker] | None = ...,
+        current_goodput_rps: _builtins.float = ...,
+        planned_goodput_rps: _builtins.float = ...,
+        best_goodput_rps: _builtins.float = ...,
+        explanation: _builtins.str = ...,
+        enacted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["demand", b"demand", "slo", b"slo"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_goodput_rps", b"best_goodput_rps", "current_goodput_rps", b"current_goodput_rps", "demand", b"demand", "enacted", b"enacted", "explanation", b"explanation", "generation", b"generation", "mode", b"mode", "model", b"model", "planned_at_unix_ms", b"planned_at_unix_ms", "planned_goodput_rps", b"planned_goodput_rps", "planner", b"planner", "schema_version", b"schema_version", "slo", b"slo", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRecord: _TypeAlias = PlanRecord  # noqa: Y015
+
+@_typing.final
+class PlannedWorker(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    CURRENT_ROLE_FIELD_NUMBER: _builtins.int
+    PLANNED_ROLE_FIELD_NUMBER: _builtins.int
+    WHY_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    gpu_type: _builtins.str
+    gpu_count: _builtins.int
+    current_role: _common_pb2.Role.ValueType
+    planned_role: _common_pb2.Role.ValueType
+    why: _builtins.str
+    """Why it stays or moves ("dwell 12 s < 60 s", "compute-rich: long prompts")."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        current_role: _common_pb2.Role.ValueType = ...,
+        planned_role: _common_pb2.Role.ValueType = ...,
+        why: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_role", b"current_role", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "planned_role", b"planned_role", "why", b"why", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannedWorker: _TypeAlias = PlannedWorker  # noqa: Y015

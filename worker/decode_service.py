@@ -8,6 +8,11 @@ KV through the handle's transport within kv_pull_timeout_s, releases the
 handle, and decodes from the prefill worker's first token. Without one it
 prefills locally. Cancelling the call closes the engine's sequence at once
 (its KV blocks are freed).
+
+Mounted on every worker: Decode answers only while the worker serves decode
+(the role gate, worker.role_gate), refusing before any pull. A stream that a
+role switch hands over ends with UNAVAILABLE after the tokens it sent; the
+router continues it elsewhere from the prompt and those tokens.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from runtime.peers import peer_identity
 from runtime.sampling import finish_reason_to_proto
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 from worker.coalesce import coalesced
+from worker.context import WorkerContext, WorkerRole
 from worker.errors import rpc_errors
 from worker.handle_check import HandlePolicy, UnknownProducer, check_fields, check_handle, handle_accepted
-from worker.process import WorkerContext, WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +95,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                     raise InvalidRequest(f"generated_token_ids already holds {len(generated)} tokens, max_tokens "
                                          f"is {sampling.max_tokens}: nothing left to decode")
                 producer_identity = ""
+                # A worker serving prefill refuses before it pulls anything (the router retries elsewhere).
+                self.ctx.gate.check(common_pb2.ROLE_DECODE)
                 if has_handle:
                     # Refuse a forged or incompatible handle before connecting anywhere or taking a slot.
                     producer = await self._check_handle(request.handle)
                     # With identity checks on, the pull's TLS handshake verifies the producer's record too.
                     producer_identity = peer_identity(producer.worker_id, producer.node)
-                with self.ctx.admission.admit(context.peer()):
+                with self.ctx.gate.serving(common_pb2.ROLE_DECODE) as handover, \
+                        self.ctx.admission.admit(context.peer()):
                     started = time.perf_counter()
                     blob: KvBlob | None = None
                     if has_handle:
@@ -118,7 +126,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                     produced = 0
                     first = True
                     hold_s = min(request.flush_interval_ms, MAX_FLUSH_INTERVAL_MS) / 1000
-                    async with contextlib.aclosing(coalesced(decode, hold_s)) as steps:
+                    async with contextlib.aclosing(coalesced(decode, hold_s, handover)) as steps:
                         async for step in steps:
                             produced += len(step.token_ids)
                             self.ctx.metrics.generated_tokens.inc(len(step.token_ids))
@@ -135,6 +143,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                                     prompt_tokens=len(prompt),
                                     completion_tokens=len(generated) + produced + (1 if has_handle else 0)))
                             yield response
+                            if step.finish_reason is not None:
+                                break  # answered in full: a hand-over from now on must not end it with an error
                     log.info("decoded", extra={"tokens": produced, "kv_transfer_ms": round(transfer_ms, 2),
                                                "ms": round((time.perf_counter() - started) * 1000, 2)})
 

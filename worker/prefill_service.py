@@ -2,7 +2,10 @@
 
 Thin over the engine (engine.base.Engine.prefill) and the KV exporter
 (engine.kv.exporter.KvExporter), which keeps the KV under a handle until a
-decode worker pulls and releases it, or its TTL passes.
+decode worker pulls and releases it, or its TTL passes. Mounted on every
+worker: Prefill answers only while the worker serves prefill (the role
+gate, worker.role_gate); the KV source serves open handles whatever the
+role, so a worker switched to decode still hands over the KV it exported.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from engine.kv.exporter import KvExporter
 from runtime.logs import request_scope
 from runtime.sampling import finish_reason_to_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.context import WorkerContext, WorkerRole
 from worker.errors import rpc_errors
-from worker.process import WorkerContext, WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             async with rpc_errors(context, lambda status: self.ctx.metrics.requests.labels("Prefill", status).inc()):
                 engine = self.ctx.engine
                 sampling, prompt = self.ctx.check_request(request)
+                self.ctx.gate.check(common_pb2.ROLE_PREFILL)
                 # A full handle store refuses before the engine computes a KV it could not keep.
                 self.exporter.store.check_room()
-                with self.ctx.admission.admit(context.peer()):
+                with self.ctx.gate.serving(common_pb2.ROLE_PREFILL), self.ctx.admission.admit(context.peer()):
                     result = await engine.prefill(PrefillRequest(request_id, prompt, sampling))
                     self.ctx.metrics.prefill_seconds.observe(result.prefill_s)
                     response = worker_pb2.PrefillResponse(
