@@ -11,7 +11,11 @@
    leaving fewer than the minimum workers of a role). The hysteresis is
    judged on the assignment the moves head for (the best reachable past
    the dwell): moves start only when its goodput >= current x (1 +
-   min_gain), or when it brings the fleet closer to the minimums; each
+   min_gain), or when it brings the fleet closer to the minimums, or when
+   the fleet is missing its SLO now (an attained p90 above its target)
+   and the current assignment is predicted short of the arrival rate: a
+   queue is building, and any gain drains it (no flapping follows: once
+   demand is met no assignment gains anything, so nothing moves back); each
    round's step is then never worse than the current assignment, so a
    target two switches away is reached even when the first alone gains
    little.
@@ -189,7 +193,8 @@ def plan_roles(shape: ModelShape, slo: Slo, demand: Demand, workers: Sequence[Wo
         if wanted:
             hold_reason = "wanted moves held: " + "; ".join(held)
     elif _violation(target_roles, config) >= current_violation and not (
-            target_goodput > base_goodput and target_goodput >= base_goodput * (1 + config.min_gain)):
+            target_goodput > base_goodput and (target_goodput >= base_goodput * (1 + config.min_gain)
+                                               or (demand.misses(slo) and base_goodput < demand.arrival_rps))):
         hold_reason = (f"best reachable {target_goodput:.3g} req/s is less than {config.min_gain:.0%} above"
                        f" current {base_goodput:.3g} req/s")
         held.append(f"hysteresis: {hold_reason}")

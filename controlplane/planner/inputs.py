@@ -65,7 +65,8 @@ def planner_demand(demand: registry_pb2.ModelDemand) -> PlannerDemand:
     yet the prompt-side figures stand alone (output 1 token), which is what the fleet has seen."""
     return PlannerDemand(arrival_rps=demand.arrival_rate_rps, prompt_tokens=demand.prompt_tokens_mean,
                          output_tokens=max(demand.output_tokens_mean, 1.0),
-                         prompt_tokens_p90=demand.prompt_tokens_p90, output_tokens_p90=demand.output_tokens_p90)
+                         prompt_tokens_p90=demand.prompt_tokens_p90, output_tokens_p90=demand.output_tokens_p90,
+                         ttft_p90_s=demand.ttft_ms_p90 / 1000, inter_token_p90_s=demand.inter_token_ms_p90 / 1000)
 
 
 def slo_of(spec: registry_pb2.ModelSpec | None) -> Slo:

@@ -41,11 +41,18 @@ class Demand:
     output_tokens: float     # mean output length (tokens)
     prompt_tokens_p90: float = 0.0   # 0: use the mean
     output_tokens_p90: float = 0.0   # 0: use the mean
+    # What the fleet attained over the window (p90 TTFT and inter-token latency); 0: not measured.
+    ttft_p90_s: float = 0.0
+    inter_token_p90_s: float = 0.0
 
     @property
     def known(self) -> bool:
         """Whether there is demand to plan for (arrivals with a prompt and an output)."""
         return self.arrival_rps > 0 and self.prompt_tokens > 0 and self.output_tokens > 0
+
+    def misses(self, slo: Slo) -> bool:
+        """Whether the fleet is missing the SLO now: an attained p90 above its target."""
+        return self.ttft_p90_s > slo.ttft_s or self.inter_token_p90_s > slo.inter_token_s
 
     @property
     def prompt_p90(self) -> float:

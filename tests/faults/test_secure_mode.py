@@ -31,7 +31,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -50,7 +49,7 @@ from registry.keys import Keys, Kind
 from registry.records import encode, parse
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, worker_pb2, worker_pb2_grpc
 from tests.faults.conftest import wait_until
-from tests.integration.test_up import alive, kill_leftovers, read_state
+from tests.integration.test_up import alive, kill_leftovers, wait_until_up
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -366,12 +365,7 @@ def test_tandemctl_up_secure_serves_generate_with_the_operator_certificate_only(
                            str(state_dir), "--lease-ttl", "3", *free],
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while read_state(state_dir).get("status") != "up":
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            assert time.monotonic() < deadline, "tandemctl up --secure did not come up"
-            time.sleep(0.1)  # poll interval
-        state = read_state(state_dir)
+        state = wait_until_up(up, state_dir, tmp_path / "up.log", what="tandemctl up --secure")
         tls = ["--ca-file", state["tls"]["ca_file"], "--cert-file", state["tls"]["cert_file"],
                "--key-file", state["tls"]["key_file"]]
         ask = ["generate", "--router", state["router"], "--max-tokens", "8", PROMPT]

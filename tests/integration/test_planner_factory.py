@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from router_svc.client import AsyncTandemClient
-from tests.integration.test_up import kill_leftovers, read_state
+from tests.integration.test_up import kill_leftovers, read_state, wait_until_up
 
 pytestmark = pytest.mark.integration
 
@@ -66,12 +66,7 @@ def test_planner_moves_a_decode_worker_to_prefill_when_prompts_get_long(tmp_path
          "--router-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", ""],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **FAST_PLANNER})
     try:
-        deadline = time.monotonic() + 180
-        while read_state(state_dir).get("status") != "up":
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            assert time.monotonic() < deadline, "tandemctl up did not come up"
-            time.sleep(0.1)  # poll interval
-        state = read_state(state_dir)
+        state = wait_until_up(up, state_dir, tmp_path / "up.log")
         tandemctl(state, "models", "put", MODEL, "--checkpoint", MODEL, "--ttft-ms", "150", "--itl-ms", "50")
         before = {w["record"]["workerId"]: w["record"] for w in tandemctl(state, "workers")["workers"]}
         assert sorted(r["role"] for r in before.values()) == ["ROLE_DECODE"] * 3 + ["ROLE_PREFILL"]
@@ -86,8 +81,9 @@ def test_planner_moves_a_decode_worker_to_prefill_when_prompts_get_long(tmp_path
                 while True:
                     assert time.monotonic() < give_up, "no planner-driven switch within 120 s"
                     assert not traffic.done(), traffic
-                    plan = (await asyncio.to_thread(tandemctl, state, "plan"))["plans"]
                     workers = await asyncio.to_thread(tandemctl, state, "workers")
+                    # Read after the workers: a plan read first may predate the one that moved a worker.
+                    plan = (await asyncio.to_thread(tandemctl, state, "plan"))["plans"]
                     moved = [w for w in workers["workers"] if before[w["record"]["workerId"]]["role"] == "ROLE_DECODE"
                              and w["record"]["role"] == "ROLE_PREFILL" and w["record"]["state"] == "WORKER_STATE_READY"]
                     if plan and moved:

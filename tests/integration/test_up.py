@@ -31,6 +31,17 @@ def read_state(state_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def wait_until_up(up: subprocess.Popen[bytes], state_dir: Path, log_path: Path, *, timeout: float = 180,
+                  what: str = "tandemctl up") -> dict[str, Any]:
+    """up.json once the factory says "up"; fails with the log if `up` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while read_state(state_dir).get("status") != "up":
+        assert up.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, f"{what} did not come up"
+        time.sleep(0.1)  # poll interval
+    return read_state(state_dir)
+
+
 def kill_leftovers(up: subprocess.Popen[bytes], state_dir: Path) -> None:
     """On a failure, still leave nothing behind: Ctrl-C first (it stops its children in order), then
     SIGKILL whatever up.json says is left (each child runs in its own session)."""
@@ -54,12 +65,7 @@ def test_up_generate_and_ctrl_c(tmp_path: Path) -> None:
          "--http-listen", "127.0.0.1:0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while read_state(state_dir).get("status") != "up":
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            assert time.monotonic() < deadline, "tandemctl up did not come up"
-            time.sleep(0.1)  # poll interval
-        state = read_state(state_dir)
+        state = wait_until_up(up, state_dir, tmp_path / "up.log")
         names = {"etcd", "agent", "controlplane", "prefill-0", "decode-0", "router"}
         assert names <= set(state["pids"])
         # Metrics are on by default: every process serves /metrics on the port up.json lists.

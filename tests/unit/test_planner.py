@@ -116,6 +116,17 @@ def test_hysteresis_holds_a_small_gain() -> None:
     assert [(c.from_role, c.to_role) for c in taken.changes] == [("decode", "prefill")]
 
 
+def test_a_fleet_missing_its_slo_takes_a_small_gain() -> None:
+    # The same 5 % shortfall, but the routers report TTFT p90 over the target: a queue is building.
+    workers, demand = _prefill_bound()
+    missing = dataclasses.replace(demand, ttft_p90_s=SLO.ttft_s * 3)
+    moved = plan(workers, missing, PlannerConfig(min_gain=0.10, min_dwell_s=0.0))
+    assert [(c.from_role, c.to_role) for c in moved.changes] == [("decode", "prefill")]
+    # Within the SLO as measured, the hysteresis holds as before.
+    within = dataclasses.replace(demand, ttft_p90_s=SLO.ttft_s / 2, inter_token_p90_s=SLO.inter_token_s / 2)
+    assert plan(workers, within, PlannerConfig(min_gain=0.10, min_dwell_s=0.0)).changes == ()
+
+
 def test_a_worker_within_its_dwell_does_not_move() -> None:
     workers = h100s(1, 3, role_since_s=NOW - 10)
     p = plan(workers, PROMPT_HEAVY, PlannerConfig(min_gain=0.0))

@@ -6,12 +6,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_up import alive, kill_leftovers, read_state
+from tests.integration.test_up import alive, kill_leftovers, wait_until_up
 from tests.vllm.test_vllm_failover import descendants, survivors
 
 pytestmark = pytest.mark.integration
@@ -25,12 +24,7 @@ def test_up_on_vllm_serves_generate_and_stops_clean(tmp_path: Path) -> None:
          "--lease-ttl", "5", "--router-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", ""],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while read_state(state_dir).get("status") != "up":
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            assert time.monotonic() < deadline, "tandemctl up --engine vllm did not come up"
-            time.sleep(0.2)  # poll interval
-        state = read_state(state_dir)
+        state = wait_until_up(up, state_dir, tmp_path / "up.log", timeout=300, what="tandemctl up --engine vllm")
         assert state["model"] == "tiny-vllm"
         engines = {pid for name in ("prefill-0", "decode-0") for pid in descendants(state["pids"][name])}
         assert engines, "the workers run no vLLM engine processes"
