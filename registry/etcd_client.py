@@ -130,6 +130,10 @@ class EtcdClient:
             cert_chain=settings.cert_file.read_bytes() if ca and settings.cert_file else None,
             cert_key=settings.key_file.read_bytes() if ca and settings.key_file else None,
         )
+        # Subchannels of its own: gRPC otherwise shares connections to one address between channels, and a
+        # fresh client to an etcd that just (re)started could inherit another channel's failed connection
+        # and its reconnect backoff, failing fast with a stale "connection refused".
+        self._client._manager.grpc_options.append(("grpc.use_local_subchannel_pool", 1))
         self._token = ""
         self._connected = False
 

@@ -19,7 +19,7 @@ import pytest
 
 from controlplane.etcd_server import EtcdServer
 from controlplane.supervisor import ManagedProcess
-from registry.etcd_client import EtcdClient, EtcdSettings
+from registry.etcd_client import EtcdClient, EtcdSettings, EtcdUnavailable
 from registry.keys import Keys, Kind
 from registry.store import Registry
 from tandem.v1 import registry_pb2
@@ -151,7 +151,13 @@ async def test_a_worker_started_before_etcd_claims_once_etcd_answers(
     child.wait_ready(120)
     lines = messages(child)
     assert index_of(lines, "GPUs claimed after") < index_of(lines, LOADING) < index_of(lines, "worker ready")
-    claims, workers = await registry_state(etcd_later.endpoint)
+    try:
+        claims, workers = await registry_state(etcd_later.endpoint)
+    except EtcdUnavailable as exc:
+        # Seen once on a loaded CI machine, with the worker registered through this same etcd a moment
+        # before: say whether etcd is still there and what it and the worker logged, to find why.
+        raise AssertionError(f"{exc}\netcd running: {etcd_later.running}\netcd log:\n{etcd_later.log_tail()}"
+                             f"\nworker log:\n{child.log_tail()}") from exc
     assert claims == {GPU: "early"}
     assert workers == {"early": registry_pb2.WORKER_STATE_READY}
     assert child.stop() == 0
