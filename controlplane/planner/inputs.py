@@ -17,6 +17,7 @@ Clock: the planner's `now_s` is wall-clock seconds, the unit of the records'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from controlplane.planner import Demand as PlannerDemand
@@ -36,7 +37,7 @@ _PLANNED_STATES = (registry_pb2.WORKER_STATE_READY, registry_pb2.WORKER_STATE_SW
 
 def merged_demand(model: str, reports: Iterable[registry_pb2.DemandReport]) -> registry_pb2.ModelDemand:
     """Every router's figures for `model` as one ModelDemand (zeros when no router saw it)."""
-    parts = [m for report in reports for m in report.models if m.model == model]
+    parts = [m for report in reports for m in report.models if m.model == model and _sane(m)]
     total = registry_pb2.ModelDemand(model=model)
     if not parts:
         return total
@@ -51,6 +52,16 @@ def merged_demand(model: str, reports: Iterable[registry_pb2.DemandReport]) -> r
                   "inter_token_ms_p50", "inter_token_ms_p90"):
         setattr(total, field, max(getattr(p, field) for p in parts))
     return total
+
+
+_FIGURES = ("arrival_rate_rps", "prompt_tokens_mean", "prompt_tokens_p90", "output_tokens_mean", "output_tokens_p90",
+            "ttft_ms_p50", "ttft_ms_p90", "inter_token_ms_p50", "inter_token_ms_p90")
+
+
+def _sane(part: registry_pb2.ModelDemand) -> bool:
+    """A router's figures the planner can use: finite and not negative. A report with NaN or a negative
+    rate (a bug, or a router's etcd user misused) is left out, not allowed to break every round."""
+    return all(math.isfinite(v := getattr(part, name)) and v >= 0 for name in _FIGURES)
 
 
 def _weighted(parts: Sequence[registry_pb2.ModelDemand], value: str, weight: str) -> float:

@@ -47,7 +47,7 @@ def wait_until(check: Any, what: str, timeout: float = 30.0) -> Any:
         if value:
             return value
         assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval
 
 
 def wait_model(client: openai.OpenAI, model: str, decode: int = 1) -> None:

@@ -62,7 +62,7 @@ def wait_for(probe: Callable[[], Any], what: str, child: ManagedProcess, timeout
     deadline = time.monotonic() + timeout
     while not (result := probe()):
         assert time.monotonic() < deadline, f"{what}: not within {timeout}s; log of {child.name}:\n{child.log_tail()}"
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval
     return result
 
 

@@ -52,6 +52,17 @@ def test_demand_from_several_routers_adds_rates_and_weights_means() -> None:
     assert demand.arrival_rps == pytest.approx(4.0) and demand.prompt_tokens == pytest.approx(200)
 
 
+def test_a_report_with_impossible_figures_is_left_out() -> None:
+    good = registry_pb2.ModelDemand(model="m", requests=10, arrival_rate_rps=2.0, finished=10, prompt_tokens_mean=100,
+                                    output_tokens_mean=10)
+    nan = registry_pb2.ModelDemand(model="m", requests=10, arrival_rate_rps=float("nan"), finished=10)
+    negative = registry_pb2.ModelDemand(model="m", requests=10, arrival_rate_rps=-5.0, finished=10)
+    huge = registry_pb2.ModelDemand(model="m", requests=10, arrival_rate_rps=1.0, ttft_ms_p90=float("inf"))
+    merged = merged_demand("m", [_report("r1", good), _report("r2", nan), _report("r3", negative),
+                                 _report("r4", huge)])
+    assert merged.arrival_rate_rps == pytest.approx(2.0) and merged.requests == 10
+
+
 def test_slo_from_the_spec_with_defaults_for_what_it_leaves_unset() -> None:
     spec = registry_pb2.ModelSpec(name="m", slo=registry_pb2.ServiceLevelObjectives(ttft_ms=250))
     slo = slo_of(spec)
