@@ -184,7 +184,11 @@ async def test_a_repeated_long_prefix_goes_to_the_worker_that_holds_it(bed: Test
         worker = next(p for p in prefillers if p.name == holder)
         await eventually(lambda: _holds(worker, blocks), "the holder cached it")
         # The router learns it from the holder's next load report (a turn sent before that may go
-        # elsewhere and make a second holder); from then on every turn goes to a holder.
+        # elsewhere and make a second holder); from then on every turn goes to a holder. Probe only once
+        # the router's index holds that many (worker, block) entries: each early probe on a slow machine
+        # made one more holder, until all four were.
+        await eventually(lambda: _gauge_at_least(router, "tandem_router_kv_index_entries", len(blocks)),
+                         "the router indexes the holder's blocks")
         await eventually(lambda: _hits(ask, 1), "a turn routed to the holder")
         holders = {p.name for p in prefillers if blocks <= await cached_blocks(p)}
         for turn in range(2, 12):
