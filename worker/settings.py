@@ -56,6 +56,8 @@ class WorkerSettings(CommonSettings):
     seed: int = setting(_ENGINE.seed, "seed of built-in random models", min=0)
     sim_kv_bytes: str = setting(DEFAULT_KV_BYTES, "sim engine: KV payload size ('real': as large as the "
                                 "simulated model's KV cache, to load the transports)", choices=KV_BYTES_MODES)
+    vllm_prefix_caching: bool = setting(False, "vllm engine: keep vLLM's prefix cache and publish its blocks to "
+                                        "routers (KV-aware routing)")
     kv_transports: str = setting(",".join(WORKER_DEFAULT), "KV transports offered (prefill) or accepted (decode); "
                                  "tcp is left out when serving TLS", choices=known_transports, each=True)
     kv_handle_ttl: float = setting(30.0, "how long an unreleased KV handle lives", above=0, max=3600,
@@ -116,6 +118,8 @@ class WorkerSettings(CommonSettings):
     def engine_config(self) -> EngineConfig:
         # Only a non-default mode is passed: the sim engine owns the default, other engines ignore it.
         extra = {"sim_kv_bytes": self.sim_kv_bytes} if self.sim_kv_bytes != DEFAULT_KV_BYTES else {}
+        if self.vllm_prefix_caching:
+            extra["prefix_caching"] = "1"
         return EngineConfig(
             model=self.model,
             served_name=self.served_model_name,

