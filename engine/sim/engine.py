@@ -21,12 +21,11 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from engine.base import (
     CapacityExhausted,
     DecodeRequest,
-    DecodeStep,
     Engine,
     EngineConfig,
     EngineError,
@@ -43,8 +42,9 @@ from engine.base import (
 from engine.byte_tokenizer import ByteTokenizer
 from engine.kv_events import KvEventLog
 from engine.sim.blocks import BlockManager
+from engine.sim.decode_stream import DecodeStream, Sink
 from engine.sim.profiles import ModelProfile, get_profile
-from engine.sim.roofline import GpuSet, gpu_set, kv_capacity_blocks, step_seconds
+from engine.sim.roofline import GpuSet, StepTimer, gpu_set, kv_capacity_blocks
 from engine.sim.scheduler import Produced, Scheduler
 from engine.sim.sequence import Sequence, SequenceKind, StopRules
 from engine.sim.settings import SimSettings
@@ -56,31 +56,6 @@ log = logging.getLogger(__name__)
 # How far behind its clock the step loop may run before it stops catching up
 # (seconds): an event loop stalled by other work does not cause a burst.
 _MAX_LAG_S = 0.05
-
-class _Mailbox:
-    """Produced tokens waiting for one consumer: a list and at most one waiter (lighter than asyncio.Queue)."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: list[Produced | BaseException] = []
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put(self, item: Produced | BaseException) -> None:
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def take(self) -> list[Produced | BaseException]:
-        """Everything put since the last take; waits for at least one item."""
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        items, self._items = self._items, []
-        return items
 
 
 class SimEngine(Engine):
@@ -131,6 +106,7 @@ class SimEngine(Engine):
         num_blocks = cfg.kv_blocks or fit
         self._blocks = BlockManager(num_blocks, cfg.kv_block_size)
         self._sched = Scheduler(self._blocks, cfg.max_batch_size, self.settings.max_step_tokens)
+        self._timer = StepTimer(self.gpus, self.profile, self.settings.roofline)
         limit = cfg.max_context_tokens or self.profile.max_context_tokens
         self._max_context = min(limit, num_blocks * cfg.kv_block_size)
         self._layout = KvLayoutSpec(
@@ -238,39 +214,14 @@ class SimEngine(Engine):
             cached_tokens=seq.cached_tokens, queue_s=scheduled - seq.arrived_at, prefill_s=done - scheduled,
         )
 
-    async def decode(self, request: DecodeRequest) -> AsyncGenerator[DecodeStep, None]:
+    def decode(self, request: DecodeRequest) -> DecodeStream:
         """Streams the sequence's tokens, one step's worth per item; closing the iterator frees its KV at once.
 
-        Raises InvalidRequest, KvMismatch (a blob of another layout or other
-        tokens), or CapacityExhausted (no KV blocks for its context now).
+        The first step raises InvalidRequest, KvMismatch (a blob of another
+        layout or other tokens), or CapacityExhausted (no KV blocks for its
+        context now). See engine.sim.decode_stream for reading it without a task.
         """
-        self._check_running()
-        seq = self._decode_sequence(request)
-        mailbox = _Mailbox()
-        seq.sink = mailbox.put
-        reason = seq.rules.before_start(len(seq.tokens))
-        try:
-            if reason is not None:
-                yield DecodeStep(token_ids=[], finish_reason=reason)
-                return
-            self._admit(seq)
-            first = True
-            while True:
-                tokens: list[int] = []
-                for item in await mailbox.take():
-                    if isinstance(item, BaseException):
-                        raise item
-                    tokens.append(item.token)
-                    reason = item.finish_reason
-                step = DecodeStep(token_ids=tokens, finish_reason=reason)
-                if first:
-                    first = False
-                    step.queue_s, step.prefill_s = self._first_step_times(seq)
-                yield step
-                if reason is not None:
-                    return
-        finally:
-            self._retire(seq)
+        return DecodeStream(lambda sink: self._begin_decode(request, sink), self._retire, self._first_step_times)
 
     # -- internals --------------------------------------------------------
 
@@ -314,6 +265,16 @@ class SimEngine(Engine):
         )
         rules = StopRules(sampling, self._max_context, delivered)
         return Sequence(request_id, kind, tokens, stream, rules, arrived_at=self._clock())
+
+    def _begin_decode(self, request: DecodeRequest, sink: Sink) -> tuple[Sequence, str | None]:
+        """A decode stream's start: its sequence, queued unless a finish reason says nothing may be generated."""
+        self._check_running()
+        seq = self._decode_sequence(request)
+        seq.sink = sink
+        reason = seq.rules.before_start(len(seq.tokens))
+        if reason is None:
+            self._admit(seq)
+        return seq, reason
 
     def _decode_sequence(self, request: DecodeRequest) -> Sequence:
         """Validates `request`, imports its KV (blocks taken now) and builds its sequence."""
@@ -398,8 +359,7 @@ class SimEngine(Engine):
                     await self._wake.wait()
                     deadline = None
                     continue
-                work = [(w.new, w.cached) for w in plan]
-                seconds = step_seconds(self.gpus, self.profile, work, self.settings.roofline) / speedup
+                seconds = self._timer.seconds([(new, cached) for _, new, cached in plan]) / speedup
                 # Steps follow each other on the simulated clock: time spent
                 # here in Python, or a late wake-up, is absorbed by the next
                 # sleep instead of adding up.

@@ -20,14 +20,16 @@ prefix cache, one token drawn for every sequence whose KV is complete.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.sim.blocks import BlockManager
 from engine.sim.sequence import Sequence, SequenceKind, State
 
+# Work and Produced are named tuples, not frozen dataclasses: one of each per sequence per step, and a
+# tuple is several times cheaper to build.
 
-@dataclass(frozen=True)
-class Work:
+
+class Work(NamedTuple):
     """One sequence's share of a step: `new` tokens computed on top of `cached`."""
 
     seq: Sequence
@@ -35,8 +37,7 @@ class Work:
     cached: int
 
 
-@dataclass(frozen=True)
-class Produced:
+class Produced(NamedTuple):
     """A token drawn for `seq` at the end of a step; `finish_reason` when it ends the sequence."""
 
     seq: Sequence
@@ -122,17 +123,14 @@ class Scheduler:
         plan: list[Work] = []
         while self._ready and len(self.running) < self.max_batch:
             self._start(self._ready.popleft(), now)
+        block_size = self.blocks.block_size
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if seq is not self._active:
-                while not self.blocks.grow(seq.table, seq.num_computed + 1):
-                    victim = self.running[-1]
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-                else:
-                    plan.append(Work(seq, 1, seq.num_computed))
+            # Most steps need no new block: only then ask the block manager (and maybe preempt).
+            if seq is not self._active and (seq.num_computed < len(seq.table.blocks) * block_size
+                                            or self._grow_or_preempt(seq)):
+                plan.append(Work(seq, 1, seq.num_computed))
             i += 1
         budget = self.max_step_tokens - len(plan)
         if budget <= 0:
@@ -169,13 +167,14 @@ class Scheduler:
     def complete(self, plan: list[Work], now: float) -> list[Produced]:
         """Applies a finished step; returns the tokens drawn. Skips sequences aborted meanwhile."""
         produced: list[Produced] = []
-        for work in plan:
-            seq = work.seq
+        block_size = self.blocks.block_size
+        for seq, new, cached in plan:
             if seq.state is not State.RUNNING:
                 continue
-            seq.num_computed = work.cached + work.new
-            self.blocks.commit(seq.table, seq.tokens, seq.num_computed)
-            if seq.pending:
+            computed = seq.num_computed = cached + new
+            if computed // block_size > len(seq.table.hashes):  # a block filled up: into the prefix cache
+                self.blocks.commit(seq.table, seq.tokens, computed)
+            if len(seq.tokens) > computed:  # still prefilling
                 continue
             if self._active is seq:
                 self._active = None
@@ -188,6 +187,16 @@ class Scheduler:
         return produced
 
     # -- internals --------------------------------------------------------
+
+    def _grow_or_preempt(self, seq: Sequence) -> bool:
+        """Gives running `seq` a block for its next token, preempting the newest sequences until one is free;
+        False when `seq` itself was preempted."""
+        while not self.blocks.grow(seq.table, seq.num_computed + 1):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _fit(self, seq: Sequence) -> int:
         """Tokens `seq` may compute now, given the blocks it holds and the ones available."""

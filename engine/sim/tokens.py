@@ -25,6 +25,7 @@ from engine.byte_tokenizer import EOS_ID, byte_token
 
 _PRINTABLE = [byte_token(b) for b in range(0x20, 0x7F)]
 _MASK64 = (1 << 64) - 1
+_U32 = struct.Struct("<I").pack
 
 
 def pack_tokens(tokens: Sequence[int]) -> bytes:
@@ -63,7 +64,7 @@ class TokenStream:
 
     def push(self, token: int) -> None:
         """Appends a token to the context (one this stream drew, or one delivered elsewhere)."""
-        self._hasher.update(struct.pack("<I", token))
+        self._hasher.update(_U32(token))
         self.position += 1
 
     def peek(self) -> int:
@@ -76,9 +77,10 @@ class TokenStream:
         return _PRINTABLE[(x & 0xFFFFFFFF) % len(_PRINTABLE)]
 
     def next(self) -> int:
-        """Draws the token at `position` and appends it."""
+        """Draws the token at `position` and appends it (peek then push, in one call: once per token)."""
         token = self.peek()
-        self.push(token)
+        self._hasher.update(_U32(token))
+        self.position += 1
         return token
 
 

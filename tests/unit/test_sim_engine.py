@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -26,43 +25,10 @@ from engine.base import (
     create_engine,
 )
 from engine.byte_tokenizer import EOS_ID
-from engine.sim import SimEngine, decode_step_seconds, get_profile, gpu_set, prefill_seconds
+from engine.sim import decode_step_seconds, get_profile, gpu_set, prefill_seconds
+from tests.support.sim_engine import SPEEDUP, VirtualTime, sim
 
-SPEEDUP = 1000.0
 PROMPT = tuple(range(1000, 1300))
-
-
-class VirtualTime:
-    """A clock that moves only when the engine sleeps; `gate` cleared holds every step."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        await self.gate.wait()
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-@asynccontextmanager
-async def sim(vt: VirtualTime | None = None, **overrides: Any) -> AsyncIterator[SimEngine]:
-    """A started engine; on exit, checks that no request or KV block was left behind."""
-    values: dict[str, Any] = {"model": "llama-3-8b", "gpu_type": "H100-SXM", "speedup": SPEEDUP}
-    values.update(overrides)
-    config = EngineConfig(**values)
-    engine = SimEngine(config, clock=vt.clock, sleep=vt.sleep) if vt else SimEngine(config)
-    await engine.start()
-    try:
-        yield engine
-        stats = engine.stats()
-        assert (stats.active_requests, stats.active_sequences, stats.kv_blocks_used) == (0, 0, 0)
-    finally:
-        await engine.close()
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
