@@ -47,6 +47,7 @@ from registry.settings import CommonSettings
 from registry.store import Registry
 from runtime import __version__
 from runtime.config import ConfigError, load_config
+from runtime.event_loop import loop_runner
 from runtime.logs import configure_logging
 from runtime.metrics import MetricsEndpoint
 from runtime.peers import default_node_name
@@ -328,11 +329,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = resolve(load_config(AgentSettings, argv, prog=PROG, section="agent",
                                        description="Tandem node agent: GPU inventory and health into the registry"))
         settings.etcd_settings()
+        run = loop_runner(settings.event_loop)
     except (ConfigError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(PROG, settings.log_level, settings.log_format)
-    asyncio.run(run_agent(settings))
+    run(run_agent(settings))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from registry.settings import CommonSettings
 from registry.store import Registry
 from registry.view import RegistryView
 from runtime.config import ConfigError, load_config
+from runtime.event_loop import loop_runner
 from runtime.logs import configure_logging
 from runtime.metrics import MetricsEndpoint
 from runtime.server import (
@@ -257,12 +258,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                description="Tandem control-plane replica: Admin API, leader election, health prober")
         settings.validate()
         settings.peer_tls()
+        run = loop_runner(settings.event_loop)
     except (ConfigError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(PROG, settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except OSError as exc:  # the listen address is taken, a TLS file vanished, ...
         log.error("control plane cannot start", extra={"error": str(exc)})
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Sequence
 from engine.base import Engine, EngineError, create_engine
 from registry.claims import GpuAlreadyClaimed
 from runtime import __version__ as tandem_version
+from runtime.event_loop import loop_runner
 from runtime.metrics import MetricsEndpoint
 from runtime.server import GrpcService, TlsFiles, advertised_endpoint, announce_ready, install_stop_signals
 from runtime.tasks import cancel_and_wait
@@ -249,8 +250,9 @@ def main_for(start_role: Role, prog: str, section: str, argv: Sequence[str] | No
     try:
         settings = load_config(WorkerSettings, argv, prog=prog, section=section,
                                description=f"Tandem {section} worker")
-    except ConfigError as exc:
+        run = loop_runner(settings.event_loop)
+    except (ConfigError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     configure_logging(prog, settings.log_level, settings.log_format)
-    return asyncio.run(run_worker(settings, start_role))
+    return run(run_worker(settings, start_role))
