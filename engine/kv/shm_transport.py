@@ -3,15 +3,17 @@
 Producer: copies the payload into a new segment named in transport_params
 (`segment`, `size`) and keeps it until Release or expiry, which unlink it.
 The store then drops its own copy, so the payload lives in one place.
-The segment is registered with multiprocessing's resource tracker, so it is
-unlinked even when the producer process dies.
+Segments are named `tandem-kv-<producer pid>-<random>`; a producer that
+starts removes the segments of producers no longer running (a worker that
+died without releasing its handles), so a crash leaks nothing past the
+next worker start on the host. (multiprocessing's `SharedMemory` would
+instead tell its resource-tracker process about every segment it creates
+and unlinks: two pipe writes and a wake-up of another process per request.)
 
 Consumer: maps the segment's file under /dev/shm and hands that mapping
 out as the payload: no copy at all. The producer's Release unlinks the
 name; the consumer's pages stay valid until its last reference goes (tmpfs
-keeps them until then). It does not attach through
-`SharedMemory`, whose Python 3.11 resource tracker would unlink the segment
-when the consumer exits. Linux only, like the rest of the data path.
+keeps them until then). Linux only, like the rest of the data path.
 
 No checksum: the bytes never leave the host's memory.
 """
@@ -19,16 +21,19 @@ No checksum: the bytes never leave the host's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import mmap
 import os
 import secrets
-from multiprocessing import shared_memory
 
 import grpc
 
 from engine.kv.handles import KvEntry
 from engine.kv.transport import KvNotFound, KvTransferError, ProducerBase
 from tandem.v1.common_pb2 import KvHandle
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "tandem-kv-"
@@ -40,52 +45,91 @@ class Producer(ProducerBase):
 
     name = "shm"
 
+    async def start(self) -> None:
+        swept = sweep_orphans()
+        if swept:
+            log.info("removed %d shm KV segments of producers no longer running", swept)
+
     def serves(self, consumer_host: str, local_host: str) -> bool:
         return bool(consumer_host) and consumer_host in (local_host, "localhost", "127.0.0.1", "::1")
 
     async def prepare(self, entry: KvEntry) -> None:
         size = entry.payload.nbytes
-        segment = shared_memory.SharedMemory(name=f"{PREFIX}{secrets.token_hex(8)}", create=True, size=max(size, 1))
+        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            view = segment.buf
-            assert view is not None
+            os.ftruncate(fd, max(size, 1))
+            mapping = mmap.mmap(fd, max(size, 1))
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        os.close(fd)
+        try:
+            view = memoryview(mapping)
             for offset in range(0, size, _SLICE):
                 view[offset:offset + _SLICE] = entry.payload[offset:offset + _SLICE]
                 if size > _SLICE:
                     await asyncio.sleep(0)
-            del view
+            view.release()
         except BaseException:
-            _unlink(segment)
+            mapping.close()
+            _unlink(path)
             raise
-        entry.params.update(segment=segment.name, size=str(size))
+        entry.params.update(segment=name, size=str(size))
         # gRPC Pull (the fallback) reads the segment; the store's own copy can go.
-        entry.payload = segment.buf[:size]  # type: ignore[index]
+        entry.payload = memoryview(mapping)[:size]
         previous = entry.on_release
 
         def unlink() -> None:
             entry.payload.release()
+            _unlink(path)
+            # Unmapping a large segment takes a while: answer the Release first, unmap on the next loop turn.
             try:
-                segment.unlink()
-            except FileNotFoundError:
-                pass
-            # Unmapping a large segment takes a while: answer the Release
-            # first, unmap on the next loop turn.
-            try:
-                asyncio.get_running_loop().call_soon(segment.close)
+                asyncio.get_running_loop().call_soon(mapping.close)
             except RuntimeError:
-                segment.close()
+                mapping.close()
             if previous is not None:
                 previous()
 
         entry.on_release = unlink
 
 
-def _unlink(segment: shared_memory.SharedMemory) -> None:
-    segment.close()
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _owner(name: str) -> int | None:
+    """The producer pid a segment name carries, or None (not ours, or an older name without one)."""
+    pid, sep, _ = name.removeprefix(PREFIX).partition("-")
+    return int(pid) if name.startswith(PREFIX) and sep and pid.isdigit() else None
+
+
+def _running(pid: int) -> bool:
     try:
-        segment.unlink()
-    except FileNotFoundError:
-        pass
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
+
+
+def sweep_orphans(directory: str = SHM_DIR) -> int:
+    """Unlinks the segments whose producer is no longer running; returns how many. Never touches a live one's."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    swept = 0
+    for name in names:
+        pid = _owner(name)
+        if pid is not None and pid != os.getpid() and not _running(pid):
+            _unlink(os.path.join(directory, name))
+            swept += 1
+    return swept
 
 
 async def fetch(handle: KvHandle, channel: grpc.aio.Channel | None = None) -> memoryview:
