@@ -324,11 +324,13 @@ async def _flood(factory: Testbed, count: int, window: float) -> dict[str, float
 
         await _until_async(known_workers, lambda n: n >= 1, 60, "the router never saw its worker")
         await asyncio.sleep(2.0)
-        out["rss_before"] = _proc_rss_mib(pid)
         out["cpu_before"] = await _cpu_rate(pid, window)
 
         traffic = Traffic(router.endpoint)
         await traffic.start()
+        # Memory is compared under the same traffic before and after: requests have buffers of their own.
+        await asyncio.sleep(3.0)
+        out["rss_before"] = _proc_rss_mib(pid)
         lease, _ = await client.grant(600)
         t0 = time.monotonic()
         await _put_flood(client, keys, count, lease)
@@ -345,12 +347,13 @@ async def _flood(factory: Testbed, count: int, window: float) -> dict[str, float
         await _until_async(known_workers, lambda n: n == 1, 120, "the router never forgot the flood")
         out["converged_s"] = time.monotonic() - revoked
         during = traffic.sent[mark:]
+        await asyncio.sleep(5.0)  # the router returns freed memory once deletions have stopped for 2 s
+        out["rss_after"] = _proc_rss_mib(pid)
         await traffic.stop()
         out["served_during"] = sum(1 for s in during if not s.error)
         out["failed_during"] = sum(1 for s in during if s.error)
-        await asyncio.sleep(10.0)
+        await asyncio.sleep(5.0)
         out["cpu_after"] = await _cpu_rate(pid, window)
-        out["rss_after"] = _proc_rss_mib(pid)
         # A second flood: is what stays after the first a high-water mark, or a leak that grows each time?
         lease, _ = await client.grant(600)
         await _put_flood(client, keys, count, lease)

@@ -347,10 +347,15 @@ class EtcdClient:
                 if reply.canceled:
                     raise EtcdUnavailable(f"etcd cancelled the watch on {prefix}: {reply.cancel_reason}")
                 if reply.events:
-                    yield [
+                    batch = [
                         WatchEvent(EventType.DELETE if event.type == 1 else EventType.PUT, _kv(event.kv))
                         for event in reply.events
                     ]
+                    # Hold neither while waiting for the next reply: a mass deletion (a revoked lease of
+                    # 10,000 keys) is one reply, and would otherwise stay in memory until etcd next speaks.
+                    del reply
+                    yield batch
+                    del batch
             raise EtcdUnavailable(f"etcd at {self.settings.describe()} ended the watch on {prefix}")
         except grpc.aio.AioRpcError as exc:
             raise EtcdUnavailable(f"watch on {prefix} broke: {exc.code().name} {exc.details()}") from exc

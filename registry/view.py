@@ -201,6 +201,7 @@ class RegistryView:
                         # A valid value was overwritten by garbage: it no longer holds.
                         self._apply(Change(ref.kind, ref.name, old_entry, None))
                 self.revision = max(self.revision, event.kv.mod_revision)
+            del events  # not kept while the watch waits: a batch can be a whole revoked fleet
 
     async def _probe(self) -> None:
         was_down = False

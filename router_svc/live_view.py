@@ -34,6 +34,7 @@ from router_svc.candidates_pb import candidate_from_pb
 from router_svc.loads import LoadTracker
 from router_svc.prefix_index import CachedPrefix, KvIndex, KvUpdate
 from runtime.channels import ChannelPool
+from runtime.memory import HeapTrimmer
 from runtime.peers import peer_identity
 from runtime.tasks import cancel_and_wait
 from tandem.v1 import common_pb2, registry_pb2, worker_pb2
@@ -74,6 +75,7 @@ class LiveView:
         self._stale = True
         self._loads_applied_at = 0.0
         self._changed = asyncio.Event()
+        self._trimmer = HeapTrimmer()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -83,6 +85,7 @@ class LiveView:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        self._trimmer.close()
         await self.loads.close()
         await self.registry.close()
 
@@ -186,6 +189,7 @@ class LiveView:
         self._sync_loads()
         self._changed.set()
         async for change in changes:
+            known = len(self._candidates)
             if change.kind in (Kind.WORKER, Kind.HEALTH, Kind.DRAIN):
                 self._refresh(change.name)
             elif change.kind is Kind.CORDON:
@@ -196,6 +200,9 @@ class LiveView:
             self._changed.set()
             if change.kind is Kind.WORKER:
                 self._sync_load(change.name)
+            if len(self._candidates) < known:
+                # After a mass deletion (a registry flood revoked) the freed memory goes back to the OS.
+                self._trimmer.removed(known - len(self._candidates))
             VIEW_WORKERS.set(len(self._candidates))
             LOAD_STREAMS.set(len(self.loads))
 
