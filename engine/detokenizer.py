@@ -77,6 +77,22 @@ class IncrementalDecoder:
                 return self._advance(settled, settle)
         return ""
 
+    def push_many(self, token_ids: Sequence[int]) -> str | None:
+        """Add several ids with one decode; returns their text, or None (nothing added) if it ends mid-character.
+
+        The same text as pushing them one by one, for a fraction of the
+        decoding: one window decode per batch instead of one per id. On None
+        the caller pushes them one by one, which holds back the incomplete tail.
+        """
+        before = len(self._ids)
+        self._ids.extend(token_ids)
+        new_text = self._decode(self._prefix_offset)
+        if len(new_text) > len(self._prefix_text) and not new_text.endswith(REPLACEMENT):
+            self._generated += len(token_ids)
+            return self._advance(new_text, len(self._ids))
+        del self._ids[before:]
+        return None
+
     def _advance(self, text: str, read_to: int) -> str:
         delta = text[len(self._prefix_text) :]
         self._prefix_offset, self._read_offset = self._read_offset, read_to
@@ -176,6 +192,15 @@ class Detokenizer:
         """Add generated ids; after a stop string has matched, nothing more is taken."""
         if self.stopped or self._finished:
             return Delta("", 0, self.stopped, self._matcher.matched)
+        if not self._matcher.stops:
+            # No stop string can end the text inside the batch: decode it whole (the common case, and a
+            # whole answer arrives as one batch).
+            ids = token_ids if isinstance(token_ids, list) else list(token_ids)
+            if len(ids) > 1:
+                whole = self._decoder.push_many(ids)
+                if whole is not None:
+                    return self._emit(whole, len(ids))
+            token_ids = ids
         out: list[str] = []
         consumed = 0
         for token_id in token_ids:

@@ -32,17 +32,21 @@ from engine.base import Tokenizer
 from engine.chat_template import ChatMessage
 from engine.detokenizer import Detokenizer
 from registry.keys import Kind
+from router_svc.candidates import FleetView
 from router_svc.demand_window import DemandWindow
 from router_svc.live_view import LiveView
 from router_svc.metrics import RouterMetrics
 from router_svc.models import ModelCatalog, TokenizerUnavailable
 from router_svc.pipeline import Job, Outcome, Pipeline, RouteFailure
-from router_svc.validation import RequestError, ValidRequest, check_prompt, validate_generate
+from router_svc.validation import ModelLimits, RequestError, ValidRequest, check_prompt, validate_generate
 from runtime.logs import request_scope
 from runtime.sampling import FinishReason, InvalidRequest, finish_reason_to_proto
 from tandem.v1 import common_pb2, inference_pb2, registry_pb2
 
-__all__ = ["INLINE_TOKENIZE_CHARS", "InferenceCore", "RequestError", "RouteFailure", "render_chat"]
+__all__ = [
+    "DEFAULT_STREAM_INTERVAL_MS", "INLINE_TOKENIZE_CHARS", "InferenceCore", "RequestError", "RouteFailure",
+    "render_chat",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,10 @@ INLINE_TOKENIZE_CHARS = 16 * 1024
 # its steps this long between messages (DecodeRequest.flush_interval_ms). A migration then resumes from
 # the tokens received, at most this much work behind.
 WHOLE_ANSWER_FLUSH_MS = 50
+# A streamed answer: the decode worker sends tokens that come faster than this together, one message per
+# interval. A real GPU's tokens come slower and each still goes alone, at once; a fast engine's would
+# otherwise cost the worker, the router and the client one message (and one server-sent event) each.
+DEFAULT_STREAM_INTERVAL_MS = 2
 
 
 def render_chat(model: str, tokenizer: Tokenizer, messages: Sequence[ChatMessage],
@@ -100,8 +108,12 @@ class InferenceCore:
     """One per router process; shared by every front and every request, on one event loop."""
 
     def __init__(self, view: LiveView, pipeline: Pipeline, catalog: ModelCatalog, metrics: RouterMetrics,
-                 demand: DemandWindow | None = None) -> None:
+                 demand: DemandWindow | None = None, *, stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS) -> None:
         self.view = view
+        self.stream_interval_ms = stream_interval_ms
+        self._limits_fleet: FleetView | None = None
+        self._limits_key: tuple[int, int] = (-1, -1)
+        self._limits_value: tuple[dict[str, registry_pb2.ModelSpec], dict[str, ModelLimits]] = ({}, {})
         self.pipeline = pipeline
         self.catalog = catalog
         self.metrics = metrics
@@ -111,11 +123,20 @@ class InferenceCore:
     def _specs(self) -> dict[str, registry_pb2.ModelSpec]:
         return {name: entry.record for name, entry in self.view.registry.entries(Kind.MODEL).items()}
 
+    def _limits(self, fleet: FleetView) -> tuple[dict[str, registry_pb2.ModelSpec], dict[str, ModelLimits]]:
+        """Model specs and limits for `fleet`, computed again only when the fleet, the registry or the
+        loaded tokenizers changed: they cost a pass over every worker, and requests far outnumber changes."""
+        key = (self.view.registry.revision, self.catalog.loaded_tokenizers)
+        if fleet is not self._limits_fleet or key != self._limits_key:
+            specs = self._specs()
+            self._limits_value = (specs, self.catalog.limits(fleet, specs))
+            self._limits_fleet, self._limits_key = fleet, key
+        return self._limits_value
+
     async def _prepare(self, request: inference_pb2.GenerateRequest, deadline: float | None,
                        add_generation_prompt: bool) -> tuple[Job, Detokenizer]:
         fleet = self.view.fleet()
-        specs = self._specs()
-        limits = self.catalog.limits(fleet, specs)
+        specs, limits = self._limits(fleet)
         valid = validate_generate(request, limits)
         worker = next((self.view.worker_record(c.worker_id) for c in fleet.candidates(valid.model.name)), None)
         try:
@@ -124,7 +145,7 @@ class InferenceCore:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         if valid.model.vocab_size == 0:
             # The tokenizer just loaded: validate again so token ids are range-checked.
-            valid = validate_generate(request, self.catalog.limits(fleet, specs))
+            valid = validate_generate(request, self._limits(fleet)[1])
         ids = await _prompt_ids(valid, tokenizer, add_generation_prompt)
         valid = check_prompt(valid, ids)
         assert valid.prompt_token_ids is not None
@@ -149,10 +170,9 @@ class InferenceCore:
         try:
             job, detok = await self._prepare(request, deadline, add_generation_prompt)
         except RequestError as exc:
-            self.metrics.requests.labels(model="", status=exc.code.name).inc()
+            self.metrics.requests.labels("", exc.code.name).inc()
             raise
-        if whole:
-            job = dataclasses.replace(job, flush_interval_ms=WHOLE_ANSWER_FLUSH_MS)
+        job = dataclasses.replace(job, flush_interval_ms=WHOLE_ANSWER_FLUSH_MS if whole else self.stream_interval_ms)
         self.demand.arrived(job.model, len(job.prompt), time.monotonic())
         status = "OK"
         outcome: Outcome | None = None
@@ -200,8 +220,8 @@ class InferenceCore:
                 raise
             finally:
                 self._finished(job.model, status, outcome, sent)
-                self.metrics.requests.labels(model=job.model, status=status).inc()
-                self.metrics.e2e.labels(model=job.model).observe(
+                self.metrics.requests.labels(job.model, status).inc()
+                self.metrics.e2e.labels(job.model).observe(
                     time.monotonic() - started, exemplar={"request_id": job.request_id[:64]})
 
     def _finished(self, model: str, status: str, outcome: Outcome | None, sent: int) -> None:
@@ -251,8 +271,8 @@ class InferenceCore:
         """Models the router can serve now, with their limits, routable workers and chat support."""
         fleet = self.view.fleet()
         response = inference_pb2.ListModelsResponse()
-        specs = self._specs()
-        for name, limits in sorted(self.catalog.limits(fleet, specs).items()):
+        specs, by_model = self._limits(fleet)
+        for name, limits in sorted(by_model.items()):
             prefill, decode = fleet.routable_counts(name)
             worker = next((self.view.worker_record(c.worker_id) for c in fleet.candidates(name)), None)
             try:

@@ -10,46 +10,74 @@ carries each request's id as an OpenMetrics exemplar (scrape with
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import Counter, Histogram
 
 from router_svc.pipeline import Outcome
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
+M = TypeVar("M", Counter, Histogram)
+
+
+class Series(Generic[M]):
+    """A labelled metric whose children are looked up once per label values.
+
+    prometheus-client's labels() validates and takes a lock on every call,
+    and a request touches about ten series. Label values here are bounded
+    (served models, status names, routing reasons, known paths), so the
+    cache is too.
+    """
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        """The child for these label values, in the order the metric declares its label names."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
 
 class RouterMetrics:
     """Created once per process (prometheus-client registers series globally)."""
 
     def __init__(self) -> None:
-        self.requests = Counter("tandem_router_requests", "Requests by model and final gRPC status",
-                                ["model", "status"])
-        self.e2e = Histogram("tandem_router_request_seconds", "End-to-end request time", ["model"],
-                             buckets=_LATENCY_BUCKETS)
-        self.ttft = Histogram("tandem_router_ttft_seconds", "Time to first token", ["model"],
-                              buckets=_LATENCY_BUCKETS)
-        self.inter_token = Histogram("tandem_router_inter_token_seconds", "Mean inter-token latency per request",
-                                     ["model"], buckets=_LATENCY_BUCKETS)
-        self.queue = Histogram("tandem_router_queue_seconds", "Queue time (router and worker)", ["model"],
-                               buckets=_LATENCY_BUCKETS)
-        self.kv_transfer = Histogram("tandem_router_kv_transfer_seconds", "KV cache transfer time", ["model"],
-                                     buckets=_LATENCY_BUCKETS)
-        self.retries = Counter("tandem_router_retries", "Worker calls retried elsewhere before the first token",
-                               ["model"])
-        self.migrations = Counter("tandem_router_migrations", "Sequences moved to a new pair mid-stream", ["model"])
-        self.decisions = Counter("tandem_router_decisions", "Routing decisions by reason", ["model", "reason"])
-        self.tokens = Counter("tandem_router_generated_tokens", "Tokens streamed to clients", ["model"])
+        self.requests = Series(Counter("tandem_router_requests", "Requests by model and final gRPC status",
+                                       ["model", "status"]))
+        self.e2e = Series(Histogram("tandem_router_request_seconds", "End-to-end request time", ["model"],
+                                    buckets=_LATENCY_BUCKETS))
+        self.ttft = Series(Histogram("tandem_router_ttft_seconds", "Time to first token", ["model"],
+                                     buckets=_LATENCY_BUCKETS))
+        self.inter_token = Series(Histogram("tandem_router_inter_token_seconds",
+                                            "Mean inter-token latency per request", ["model"],
+                                            buckets=_LATENCY_BUCKETS))
+        self.queue = Series(Histogram("tandem_router_queue_seconds", "Queue time (router and worker)", ["model"],
+                                      buckets=_LATENCY_BUCKETS))
+        self.kv_transfer = Series(Histogram("tandem_router_kv_transfer_seconds", "KV cache transfer time",
+                                            ["model"], buckets=_LATENCY_BUCKETS))
+        self.retries = Series(Counter("tandem_router_retries",
+                                      "Worker calls retried elsewhere before the first token", ["model"]))
+        self.migrations = Series(Counter("tandem_router_migrations", "Sequences moved to a new pair mid-stream",
+                                         ["model"]))
+        self.decisions = Series(Counter("tandem_router_decisions", "Routing decisions by reason",
+                                        ["model", "reason"]))
+        self.tokens = Series(Counter("tandem_router_generated_tokens", "Tokens streamed to clients", ["model"]))
         # The HTTP front's answers by endpoint and HTTP status (its requests are in tandem_router_requests too).
-        self.http_requests = Counter("tandem_router_http_requests", "OpenAI-compatible HTTP API answers",
-                                     ["path", "status"])
+        self.http_requests = Series(Counter("tandem_router_http_requests", "OpenAI-compatible HTTP API answers",
+                                            ["path", "status"]))
 
     def observe(self, outcome: Outcome, model: str) -> None:
-        self.ttft.labels(model=model).observe(outcome.ttft_ms / 1000)
+        self.ttft.labels(model).observe(outcome.ttft_ms / 1000)
         if outcome.mean_inter_token_ms:
-            self.inter_token.labels(model=model).observe(outcome.mean_inter_token_ms / 1000)
-        self.queue.labels(model=model).observe(outcome.queue_ms / 1000)
+            self.inter_token.labels(model).observe(outcome.mean_inter_token_ms / 1000)
+        self.queue.labels(model).observe(outcome.queue_ms / 1000)
         if outcome.kv_transfer_ms:
-            self.kv_transfer.labels(model=model).observe(outcome.kv_transfer_ms / 1000)
-        self.retries.labels(model=model).inc(outcome.retries)
-        self.migrations.labels(model=model).inc(outcome.migrations)
-        self.decisions.labels(model=model, reason=outcome.reason or "none").inc()
-        self.tokens.labels(model=model).inc(outcome.completion_tokens)
+            self.kv_transfer.labels(model).observe(outcome.kv_transfer_ms / 1000)
+        self.retries.labels(model).inc(outcome.retries)
+        self.migrations.labels(model).inc(outcome.migrations)
+        self.decisions.labels(model, outcome.reason or "none").inc()
+        self.tokens.labels(model).inc(outcome.completion_tokens)

@@ -92,6 +92,11 @@ class ModelCatalog:
                 del self._seen[model]
         return result
 
+    @property
+    def loaded_tokenizers(self) -> int:
+        """How many tokenizers are loaded (limits carry their vocabulary sizes)."""
+        return len(self._tokenizers)
+
     def tokenizer(self, model: str, spec: registry_pb2.ModelSpec | None,
                   worker: registry_pb2.WorkerRecord | None) -> Tokenizer:
         """The model's tokenizer (loaded once); TokenizerUnavailable says how to configure one."""

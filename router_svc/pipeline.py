@@ -109,8 +109,8 @@ class Job:
     sampling: Sampling
     # Absolute time.monotonic() deadline of the client, if any.
     deadline: float | None = None
-    # Asked of the decode worker (DecodeRequest.flush_interval_ms): 0 for a client that watches the
-    # stream; more for one that takes the whole answer at the end.
+    # Asked of the decode worker (DecodeRequest.flush_interval_ms): the router's stream interval for a
+    # client that watches the stream; more for one that takes the whole answer at the end.
     flush_interval_ms: int = 0
 
 
@@ -237,7 +237,7 @@ class Pipeline:
 
     async def _prefill(self, job: Job, sampling: common_pb2.SamplingParams,
                        action: CallPrefill) -> PrefillAnswered | PrefillFailed:
-        stub = worker_pb2_grpc.PrefillStub(self.channels.get(action.worker.endpoint, _identity(action.worker)))
+        stub = self.channels.stub(worker_pb2_grpc.PrefillStub, action.worker.endpoint, _identity(action.worker))
         try:
             reply = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=job.request_id, model=job.model, prompt_token_ids=job.prompt, sampling=sampling,
@@ -264,7 +264,7 @@ class Pipeline:
             assert isinstance(action.handle.message, common_pb2.KvHandle) and action.first_token is not None
             request.handle.CopyFrom(action.handle.message)
             request.first_token_id = action.first_token
-        stub = worker_pb2_grpc.DecodeStub(self.channels.get(action.worker.endpoint, _identity(action.worker)))
+        stub = self.channels.stub(worker_pb2_grpc.DecodeStub, action.worker.endpoint, _identity(action.worker))
         return stub.Decode(request, timeout=action.timeout_s)
 
     async def _read_step(self, call: grpc.aio.UnaryStreamCall, watched: Watched,
@@ -308,18 +308,16 @@ class Pipeline:
         would count a completed request as CANCELLED. One that does not end
         within FINISH_GRACE_S is cancelled.
         """
-        async def finish() -> None:
-            try:
-                await asyncio.wait_for(call.code(), FINISH_GRACE_S)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                call.cancel()
-
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing can wait for it
-            task = asyncio.get_running_loop().create_task(finish(), name="decode-finish")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if call.done():
             return
-        call.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop: nothing can wait for it
+            call.cancel()
+            return
+        # A timer and a callback, not a task per request: this runs for every request the router serves.
+        deadline = loop.call_later(FINISH_GRACE_S, call.cancel)
+        call.add_done_callback(lambda _: deadline.cancel())
 
     def _release_later(self, handle: KvRef) -> None:
         """Frees an unused KV handle now rather than at its TTL (best effort, in the background)."""

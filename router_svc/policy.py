@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -122,13 +123,19 @@ class Decision:
     # The policy's name when disaggregated, else why the prefill is local.
     reason: str
     policy: str
-    estimates: Estimates
+    # The cost model's view of the pair, priced when first read (`estimates`): most decisions are
+    # never asked, and pricing costs as much as choosing.
+    estimate: Callable[[], Estimates] = field(repr=False, compare=False)
     # The shape the request was priced with.
     shape: ModelShape = field(default_factory=ModelShape)
 
     @property
     def local_prefill(self) -> bool:
         return self.prefill is None
+
+    @functools.cached_property
+    def estimates(self) -> Estimates:
+        return self.estimate()
 
 
 class RouteError(Exception):
@@ -247,7 +254,7 @@ class Policy(abc.ABC):
             prefill=prefill,
             reason=local_reason or self.name,
             policy=self.name,
-            estimates=self.estimate(prefill, decode, request, shape),
+            estimate=functools.partial(self.estimate, prefill, decode, request, shape),
             shape=shape,
         )
         self._note(decision, request, now, decode_noted=kept)
@@ -378,20 +385,23 @@ class Policy(abc.ABC):
 
     def _note(self, decision: Decision, request: RouteRequest, now: float, *, decode_noted: bool) -> None:
         """Notes the decision's work in the in-flight ledger, where each worker will see it start."""
-        prompt, prefill, estimates = request.prompt_tokens, decision.prefill, decision.estimates
+        prompt, prefill = request.prompt_tokens, decision.prefill
         if prefill is not None:
             self.inflight.add(prefill.worker_id, Assignment(
                 now, queued_tokens=self.uncached_tokens(prefill, request), kv_tokens=prompt))
         if decode_noted:
             return  # retrying only the prefill: the decode worker has it noted already
         # A remote prefill's decode worker sees the request once the prompt is prefilled and moved.
-        lead = 0.0 if prefill is None else min(estimates.ttft_s + estimates.kv_transfer_s, self.inflight.hold_s)
+        lead = 0.0 if prefill is None else min(decision.estimates.ttft_s + decision.estimates.kv_transfer_s,
+                                               self.inflight.hold_s)
         self.inflight.add(decision.decode.worker_id, Assignment(
             now + lead, queued_tokens=self.uncached_tokens(decision.decode, request) if prefill is None else 0,
             kv_tokens=prompt + request.max_tokens // 2, sequences=1))
 
     def pick_least(self, pool: Sequence[Candidate], score: Callable[[Candidate], float]) -> Candidate:
         """The lowest-scoring candidate; one drawn by the rng among those within tie_tolerance of it."""
+        if len(pool) == 1:
+            return pool[0]  # nothing to compare: no scoring (a sole or kept worker, a small fleet's common case)
         scored = [(score(c), c) for c in pool]
         best = min(s for s, _ in scored)
         ties = [c for s, c in scored if s <= best + abs(best) * self.config.tie_tolerance]

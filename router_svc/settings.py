@@ -18,6 +18,7 @@ from engine.kv.selection import PREFERENCE, known_transports, usable_transports
 from registry.keys import check_name
 from registry.settings import CommonSettings
 from router_svc.demand_window import DEFAULT_WINDOW_S
+from router_svc.inference import DEFAULT_STREAM_INTERVAL_MS
 from router_svc.models import DEFAULT_MAX_OUTPUT_TOKENS
 from router_svc.policies import DEFAULT_POLICY, policy_names
 from router_svc.policy import PolicyConfig
@@ -29,6 +30,12 @@ from runtime.setting import setting
 class RouterSettings(CommonSettings):
     listen: str = setting("0.0.0.0:50051", "gRPC listen address for clients")
     advertise_host: str = setting("", "host clients use to reach this router")
+    processes: int = setting(
+        1, "router processes on this host, all serving the same gRPC and HTTP ports (SO_REUSEPORT), each with "
+        "its own registry view, metrics port (the next port up each) and router id (suffixed -0, -1, ...); "
+        "0: one per CPU core this process may use", min=0, max=256)
+    reuse_port: bool = setting(False, "share the gRPC and HTTP ports with other processes on this host "
+                               "(SO_REUSEPORT; --processes sets it for its children)")
     http_listen: str = setting("", "serve the OpenAI-compatible HTTP API on HOST:PORT (empty: off)")
     http_api_keys_file: Path | None = setting(
         None, "HTTP API keys, one per line; re-read when the file changes (unset, with no --http-api-keys: no auth)")
@@ -52,6 +59,9 @@ class RouterSettings(CommonSettings):
     kv_transports: str = setting(",".join(PREFERENCE), "KV transports to ask prefill workers for, best first "
                                  "(tcp is left out under TLS to workers)", choices=known_transports, each=True)
     tokenizer: str = setting("", "MODEL=PATH[,MODEL=PATH...]: tokenizer directories")
+    stream_interval_ms: int = setting(
+        DEFAULT_STREAM_INTERVAL_MS, "a streamed answer gets at most one message per this many ms: tokens that "
+        "come faster travel together (0: each as the decode worker sends it)", min=0, max=1000, unit="ms")
     default_max_tokens: int = setting(DEFAULT_MAX_TOKENS, "max_tokens when a request sets none", min=1,
                                       unit="tokens")
     max_output_tokens: int = setting(DEFAULT_MAX_OUTPUT_TOKENS, "max_tokens limit when a model spec sets none",

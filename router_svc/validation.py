@@ -94,7 +94,8 @@ def _new_request_id() -> str:
 
 def valid_request_id(request_id: str) -> bool:
     """1..128 printable ASCII characters (space to tilde)."""
-    return 0 < len(request_id) <= MAX_REQUEST_ID_CHARS and all(" " <= ch <= "~" for ch in request_id)
+    # For ASCII text, isprintable() is exactly space to tilde.
+    return 0 < len(request_id) <= MAX_REQUEST_ID_CHARS and request_id.isascii() and request_id.isprintable()
 
 
 def _invalid(message: str) -> RequestError:

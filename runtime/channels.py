@@ -17,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from prometheus_client import Counter
 
 if TYPE_CHECKING:
     from runtime.peers import PeerTls
+
+S = TypeVar("S")
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ class ChannelPool:
         self.tls = tls
         self._credentials = tls.credentials() if tls is not None else None
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        # Stubs by (stub class, endpoint, verified name): a stub builds a callable per method, and a router
+        # makes a call or two per request.
+        self._stubs: dict[tuple[Callable[[grpc.aio.Channel], Any], str, str], Any] = {}
         self._reported: set[tuple[str, str]] = set()
 
     def _target(self, endpoint: str, identity: str) -> str:
@@ -92,6 +98,14 @@ class ChannelPool:
             self._channels[key] = channel
         return channel
 
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], S], endpoint: str, identity: str = "") -> S:
+        """A `stub_class` (a generated *Stub) on the channel `get(endpoint, identity)` returns, made once."""
+        key = (stub_class, endpoint, self._target(endpoint, identity))
+        found = self._stubs.get(key)
+        if found is None:  # drop() and close() forget the stubs with their channels
+            found = self._stubs[key] = stub_class(self.get(endpoint, identity))
+        return found
+
     def note_failure(self, endpoint: str, identity: str, details: str) -> bool:
         """Counts a call that failed the TLS handshake (and logs it once per endpoint and identity).
 
@@ -111,6 +125,8 @@ class ChannelPool:
         connection, or reconnect attempts, to every address ever registered. Calls still running on one
         (a draining worker finishing its streams) get `DROP_GRACE_S` to end; a new call opens a new
         channel."""
+        for stub_key in [key for key in self._stubs if key[1] == endpoint]:
+            del self._stubs[stub_key]
         for key in [key for key in self._channels if key[0] == endpoint]:
             channel = self._channels.pop(key)
             self._reported.discard(key)
@@ -119,6 +135,7 @@ class ChannelPool:
             task.add_done_callback(_CLOSING.discard)
 
     async def close(self) -> None:
+        self._stubs.clear()
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             with contextlib.suppress(Exception):

@@ -6,8 +6,8 @@ setting of any of these services without a warning: tandem.env and tandem.toml a
 
 COMMON = frozenset({
     "etcd", "etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_password", "etcd_prefix", "etcd_timeout",
-    "etcd_tls_server_name", "etcd_user", "lease_ttl", "log_format", "log_level", "metrics_listen", "peer_ca_file",
-    "peer_cert_file", "peer_key_file", "peer_tls_server_name", "peer_verify_identity", "ready_file",
+    "etcd_tls_server_name", "etcd_user", "event_loop", "lease_ttl", "log_format", "log_level", "metrics_listen",
+    "peer_ca_file", "peer_cert_file", "peer_key_file", "peer_tls_server_name", "peer_verify_identity", "ready_file",
     "shutdown_grace",
 })
 
@@ -25,8 +25,8 @@ SETTINGS_BY_SECTION: dict[str, frozenset[str]] = {
         "advertise_host", "capacity_wait_s", "default_max_tokens", "demand_interval_s", "demand_window_s",
         "http_api_keys", "http_api_keys_file", "http_listen", "kv_transports", "listen",
         "local_prefill_max_prompt_tokens", "max_attempts", "max_output_tokens", "policy",
-        "prefill_queue_limit_tokens", "router_id", "stall_timeout_s", "suspect_s", "tls_cert", "tls_client_ca",
-        "tls_key", "tokenizer",
+        "prefill_queue_limit_tokens", "processes", "reuse_port", "router_id", "stall_timeout_s",
+        "stream_interval_ms", "suspect_s", "tls_cert", "tls_client_ca", "tls_key", "tokenizer",
     }),
     "prefill": COMMON | frozenset({
         "advertise_host", "cache_dir", "device", "dtype", "engine", "gpu_count", "gpu_type", "gpu_uuids",
@@ -34,7 +34,7 @@ SETTINGS_BY_SECTION: dict[str, frozenset[str]] = {
         "max_batch_size", "max_context_tokens", "max_kv_bytes", "max_kv_handle_bytes", "max_kv_handles",
         "max_load_watchers", "max_queued_requests", "max_requests_per_peer", "min_load_interval_ms", "model",
         "node", "role_switch_grace", "seed", "served_model_name", "sim_kv_bytes", "speedup", "tls_cert",
-        "tls_client_ca", "tls_key", "worker_id",
+        "tls_client_ca", "tls_key", "vllm_prefix_caching", "worker_id",
     }),
     "decode": COMMON | frozenset({
         "advertise_host", "cache_dir", "device", "dtype", "engine", "gpu_count", "gpu_type", "gpu_uuids",
@@ -42,6 +42,6 @@ SETTINGS_BY_SECTION: dict[str, frozenset[str]] = {
         "max_batch_size", "max_context_tokens", "max_kv_bytes", "max_kv_handle_bytes", "max_kv_handles",
         "max_load_watchers", "max_queued_requests", "max_requests_per_peer", "min_load_interval_ms", "model",
         "node", "role_switch_grace", "seed", "served_model_name", "sim_kv_bytes", "speedup", "tls_cert",
-        "tls_client_ca", "tls_key", "worker_id",
+        "tls_client_ca", "tls_key", "vllm_prefix_caching", "worker_id",
     }),
 }

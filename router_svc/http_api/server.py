@@ -101,11 +101,15 @@ class HttpFront:
                                      shutdown_timeout=shutdown_grace)
         self.port = 0
 
-    async def start(self, listen: str) -> int:
-        """Bind `listen` (HOST:PORT; port 0: any free one) and serve; returns the bound port."""
+    async def start(self, listen: str, reuse_port: bool = False) -> int:
+        """Bind `listen` (HOST:PORT; port 0: any free one) and serve; returns the bound port.
+
+        `reuse_port`: SO_REUSEPORT, for router processes sharing the port (--processes).
+        """
         host, _, port = listen.rpartition(":")
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), ssl_context=self.ssl_context,
+                           reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:
@@ -150,7 +154,7 @@ class HttpFront:
                     log.exception("http request failed")
                     response = error_response("INTERNAL", f"internal error; the router's log has request id "
                                                           f"{request_id}", request_id=request_id)
-            self.metrics.http_requests.labels(path=_metric_path(path), status=str(response.status)).inc()
+            self.metrics.http_requests.labels(_metric_path(path), str(response.status)).inc()
             return response
 
     # -- endpoints --------------------------------------------------------------------------
@@ -196,7 +200,7 @@ class HttpFront:
         except (wire.ApiError, RequestError, RouteFailure) as exc:
             if isinstance(exc, wire.ApiError):
                 # Refused before the shared handling saw it: count it where gRPC refusals are counted.
-                self.metrics.requests.labels(model="", status=exc.code).inc()
+                self.metrics.requests.labels("", exc.code).inc()
             if not isinstance(exc, RouteFailure):  # the shared handling logs those (warning)
                 log.info("http request refused: %s", exc.message,
                          extra={"code": exc.code if isinstance(exc, wire.ApiError) else exc.code.name})
@@ -214,13 +218,14 @@ class HttpFront:
                 "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Request-Id": request_id})
             await response.prepare(request)
+            texts = wire.TextEvents(parsed, request_id, created)
             first = True
             try:
                 while True:
                     last = piece.HasField("usage")
                     # A piece whose text is held back (part of a character) adds nothing to send.
                     if first or last or piece.text:
-                        await response.write(self._event(parsed, request_id, created, piece, first))
+                        await response.write(self._event(parsed, request_id, created, piece, first, texts))
                         first = False
                     if last:
                         break
@@ -236,9 +241,9 @@ class HttpFront:
             return response
 
     def _event(self, parsed: wire.ParsedRequest, request_id: str, created: int,
-               piece: inference_pb2.GenerateResponse, first: bool) -> bytes:
+               piece: inference_pb2.GenerateResponse, first: bool, texts: wire.TextEvents) -> bytes:
         if not piece.HasField("usage"):
-            return wire.sse(wire.text_chunk(parsed, request_id, created, piece.text, first=first))
+            return texts.event(piece.text, first=first)
         events = []
         if first and parsed.chat:
             events.append(wire.sse(wire.text_chunk(parsed, request_id, created, "", first=True)))

@@ -36,6 +36,7 @@ __all__ = [
     "SSE_DONE",
     "ApiError",
     "ParsedRequest",
+    "TextEvents",
     "completion_body",
     "error_body",
     "final_chunk",
@@ -404,6 +405,36 @@ def sse(payload: Mapping[str, Any]) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+# A text no request id, model name or created time can contain (they are printable ASCII); JSON writes it
+# as "\u0001", which marks where each event's text goes in the rendered template.
+_TEXT_MARK = "\x01"
+_encode_text = json.encoder.encode_basestring  # the C encoder json.dumps uses for a str
+
+
+class TextEvents:
+    """The streamed text events of one answer, rendered once and filled per event.
+
+    `event(text, first)` returns exactly `sse(text_chunk(...))`, but encodes
+    only the text: the envelope (id, model, created, ...) is the same for
+    every event of a stream, and a stream has one event per token batch.
+    """
+
+    __slots__ = ("_first", "_rest")
+
+    def __init__(self, parsed: ParsedRequest, request_id: str, created: int) -> None:
+        self._first = self._template(parsed, request_id, created, first=True)
+        self._rest = self._template(parsed, request_id, created, first=False)
+
+    @staticmethod
+    def _template(parsed: ParsedRequest, request_id: str, created: int, *, first: bool) -> tuple[bytes, bytes]:
+        rendered = sse(text_chunk(parsed, request_id, created, _TEXT_MARK, first=first))
+        head, tail = rendered.split(json.dumps(_TEXT_MARK).encode())
+        return head, tail
+
+    def event(self, text: str, *, first: bool) -> bytes:
+        head, tail = self._first if first else self._rest
+        return head + _encode_text(text).encode() + tail
 
 
 def models_body(models: inference_pb2.ListModelsResponse, created: int) -> dict[str, Any]:

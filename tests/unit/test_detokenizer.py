@@ -17,6 +17,7 @@ class Bytes(Tokenizer):
 
     def __init__(self) -> None:
         self.longest_decode = 0
+        self.decodes = 0
 
     @property
     def eos_token_id(self) -> int | None:
@@ -31,6 +32,7 @@ class Bytes(Tokenizer):
 
     def decode(self, token_ids: list[int]) -> str:
         self.longest_decode = max(self.longest_decode, len(token_ids))
+        self.decodes += 1
         return bytes(token_ids).decode("utf-8", errors="replace")
 
 
@@ -171,6 +173,24 @@ def test_a_long_run_of_invalid_bytes_keeps_the_window_short() -> None:
     deltas = stream(detok, ids)
     assert tok.longest_decode <= 16
     assert "".join(deltas) == Bytes().decode(ids)
+
+
+def test_a_whole_answer_is_decoded_once_not_per_token() -> None:
+    # The router detokenizes a non-streamed answer in one batch: its cost must not grow per token.
+    tok = Bytes()
+    text = "a whole answer of many tokens, héllo 🚀 " * 8
+    detok = Detokenizer(tok, context_ids=tok.encode("prompt"))
+    before = tok.decodes
+    assert detok.feed(tok.encode(text)).text + detok.finish().text == text
+    assert tok.decodes - before <= 3
+
+
+def test_a_batch_ending_mid_character_holds_the_partial_character_back() -> None:
+    tok = Bytes()
+    detok = Detokenizer(tok)
+    rocket = list("🚀".encode())
+    assert detok.feed([*tok.encode("ok "), *rocket[:2]]).text == "ok "
+    assert detok.feed(rocket[2:]).text == "🚀"
 
 
 def test_empty_stop_string_is_refused() -> None:

@@ -219,3 +219,17 @@ def test_models_list_in_openais_shape_with_the_routers_metadata() -> None:
     assert wire.models_body(listed, 7) == {"object": "list", "data": [
         {"id": "tiny", "object": "model", "created": 7, "owned_by": "tandem", "max_model_len": 2048,
          "max_output_tokens": 512, "prefill_workers": 1, "decode_workers": 2, "chat": True}]}
+
+
+@pytest.mark.parametrize("text", ["", "hello", 'quotes " and \\ backslash', "line\nbreak\ttab", "héllo 🚀 你好",
+                                  "\x00\x01 control", "\u2028 separators \u2029"])
+@pytest.mark.parametrize("body", [completion(stream=True), chat(stream=True),
+                                  completion(stream=True, stream_options={"include_usage": True})])
+def test_templated_stream_events_are_the_same_bytes_as_the_rendered_chunks(text: str, body: dict[str, Any]) -> None:
+    parse = wire.parse_chat if "messages" in body else wire.parse_completion
+    parsed = parse(body, request_id="r-9")
+    events = wire.TextEvents(parsed, "r-9", 1700000000)
+    for first in (True, False):
+        expected = wire.sse(wire.text_chunk(parsed, "r-9", 1700000000, text, first=first))
+        assert events.event(text, first=first) == expected
+        assert json.loads(expected[len(b"data: "):])["choices"][0]  # a valid event, as clients parse it
