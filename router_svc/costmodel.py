@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 # ModelShape lives with the candidates that publish it; imported from here too.
 from router_svc.candidates import Candidate, ModelShape
 from runtime.catalog import GpuCatalog, GpuModel, default_catalog
-from runtime.stepmodel import Hardware, ModelDims, StepParams, mixed_work, step_seconds
+from runtime.stepmodel import Hardware, ModelDims, StepParams, StepRates
 from runtime.stepparams import StepParamsTable, default_step_params
 
 __all__ = ["UNKNOWN_GPU", "CostConfig", "CostModel", "ModelShape", "blocks_needed", "model_dims"]
@@ -55,6 +55,9 @@ class CostConfig:
     # host, the network between hosts.
     same_host_kv_bytes_per_s: float = 20e9
     cross_host_kv_bytes_per_s: float = 10e9
+
+# Step-rate entries kept before the cache starts over (a handful of GPU types x shapes are live).
+_MAX_RATES = 1024
 
 
 def model_dims(shape: ModelShape) -> ModelDims:
@@ -83,6 +86,8 @@ class CostModel:
         self._gpus: dict[str, GpuModel] = {}
         self._steps: dict[str, StepParams] = {}
         self._dims: dict[ModelShape, ModelDims] = {}
+        # (gpu_type, gpu_count, id(shape)) -> (shape, its step rates on those GPUs).
+        self._step_rates: dict[tuple[str, int, int], tuple[ModelShape, StepRates]] = {}
         # (gpu_type, gpu_count, shape) -> seconds per queued prompt token.
         self._per_token: dict[tuple[str, int, ModelShape], float] = {}
 
@@ -113,10 +118,21 @@ class CostModel:
     def _hw(self, c: Candidate, shape: ModelShape) -> Hardware:
         return Hardware(self.gpu(c.gpu_type), max(1, c.gpu_count), fp8=shape.bytes_per_param <= 1.0)
 
+    def _rates(self, c: Candidate, shape: ModelShape) -> StepRates:
+        # By the shape's identity, not its value: hashing a ModelShape would cost as much as the step.
+        key = (c.gpu_type, c.gpu_count, id(shape))
+        found = self._step_rates.get(key)
+        if found is None or found[0] is not shape:
+            if len(self._step_rates) >= _MAX_RATES:
+                self._step_rates.clear()  # shapes come and go with views; a few dozen are ever live
+            found = self._step_rates[key] = (shape, StepRates(self._dims_of(shape), self._hw(c, shape),
+                                                              self.step_params(c.gpu_type)))
+        return found[1]
+
     def _step(self, c: Candidate, shape: ModelShape, decodes: float, context: float, prefill: float,
               pairs: float | None = None) -> float:
-        work = mixed_work(self._dims_of(shape), decodes, context, prefill, pairs)
-        return step_seconds(work, self._hw(c, shape), self.step_params(c.gpu_type))
+        """step_seconds(mixed_work(...)) on the worker's GPUs (runtime.stepmodel.StepRates: the same value)."""
+        return self._rates(c, shape).mixed(decodes, context, prefill, pairs)
 
     def flops(self, c: Candidate) -> float:
         """Achievable bf16 FLOP/s of the worker's whole GPU set (fitted MFU)."""
@@ -175,13 +191,14 @@ class CostModel:
         kv_in_use = (load.kv_blocks_used if load is not None else 0) * c.block_size
         # Over its life the request holds the prompt plus, on average, half its output.
         kv = kv_in_use + prompt_tokens + max_tokens / 2
-        step = self.step_s(c, shape, batch, kv)
+        context = kv / batch
+        rates = self._rates(c, shape)
+        step = rates.mixed(batch, context, 0)  # step_s(c, shape, batch, kv)
         queued = load.queued_prefill_tokens if load is not None else 0
         if queued <= 0 or max_tokens <= 0:
             return step
-        context = kv / batch
         chunk = min(queued, QUEUE_CHUNK_TOKENS)
-        extra_per_chunk = self._step(c, shape, batch, context, chunk) - self._step(c, shape, batch, context, 0)
+        extra_per_chunk = rates.mixed(batch, context, chunk) - step
         return step + extra_per_chunk * (queued / chunk) / max_tokens
 
     def kv_transfer_s(self, prompt_tokens: int, shape: ModelShape, same_host: bool) -> float:

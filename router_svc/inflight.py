@@ -48,10 +48,11 @@ class InflightLedger:
         self.reflect_s = reflect_s
         self.hold_s = hold_s
         self._pending: dict[str, list[Assignment]] = {}
-        # The last `apply` per worker: (the candidate given, the one returned). A
+        # The last `apply` per worker: (the candidate given, the one returned, until when it holds). A
         # burst of decisions over one view applies the same pending work to the
-        # same candidates again and again; this answers those in O(1).
-        self._applied: dict[str, tuple[Candidate, Candidate]] = {}
+        # same candidates again and again; this answers those in O(1), without
+        # filtering the pending list again.
+        self._applied: dict[str, tuple[Candidate, Candidate, float]] = {}
         self._swept_at = -math.inf
 
     def add(self, worker_id: str, assignment: Assignment) -> None:
@@ -77,12 +78,13 @@ class InflightLedger:
 
     def apply(self, c: Candidate, now: float) -> Candidate:
         """`c` with its pending assignments added to its load (the same object when there are none)."""
+        cached = self._applied.get(c.worker_id)
+        # Valid for the same candidate (same report) until its first assignment expires; add() drops it.
+        if cached is not None and cached[0] is c and now < cached[2]:
+            return cached[1]
         pending = self.pending(c, now)
         if not pending:
             return c
-        cached = self._applied.get(c.worker_id)
-        if cached is not None and cached[0] is c:
-            return cached[1]
         # No report yet: the figures are ours alone, and as old as can be (the stale penalty still applies).
         load = c.load if c.load is not None else Load(received_at=-math.inf)
         block = c.block_size
@@ -99,7 +101,7 @@ class InflightLedger:
             kv_blocks_total=load.kv_blocks_total, kv_block_size=load.kv_block_size,
             max_batch_size=load.max_batch_size, draining=load.draining,
             prefix_cache_hit_rate=load.prefix_cache_hit_rate, received_at=load.received_at))
-        self._applied[c.worker_id] = (c, applied)
+        self._applied[c.worker_id] = (c, applied, min(a.starts_at for a in pending) + self.hold_s)
         return applied
 
     def __len__(self) -> int:

@@ -392,8 +392,11 @@ class Policy(abc.ABC):
         if decode_noted:
             return  # retrying only the prefill: the decode worker has it noted already
         # A remote prefill's decode worker sees the request once the prompt is prefilled and moved.
-        lead = 0.0 if prefill is None else min(decision.estimates.ttft_s + decision.estimates.kv_transfer_s,
-                                               self.inflight.hold_s)
+        # (Priced here as Estimates.ttft_s + kv_transfer_s, without the decode side the estimates also price.)
+        lead = 0.0 if prefill is None else min(
+            self.prefill_cost_s(prefill, request, decision.shape)
+            + self.cost.kv_transfer_s(prompt, decision.shape, _same_host(prefill, decision.decode)),
+            self.inflight.hold_s)
         self.inflight.add(decision.decode.worker_id, Assignment(
             now + lead, queued_tokens=self.uncached_tokens(decision.decode, request) if prefill is None else 0,
             kv_tokens=prompt + request.max_tokens // 2, sequences=1))

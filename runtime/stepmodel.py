@@ -218,3 +218,50 @@ def step_seconds(work: StepWork, hw: Hardware, params: StepParams) -> float:
         ring = 2.0 * (hw.count - 1) / hw.count
         comm = work.allreduces * (params.allreduce_s + work.allreduce_bytes * ring / hw.link_bytes_per_s)
     return params.overhead_s + comm + max(compute, memory) + params.interference * min(compute, memory)
+
+
+class StepRates:
+    """`step_seconds` for one model on one GPU set with one StepParams, with the constants worked out once.
+
+    For callers that time many steps (the sim engine times each it runs,
+    the router prices several per routing decision): the same operations in
+    the same order as `_work` + `step_seconds`, over precomputed rates, so
+    the answer is theirs to the last bit, without building a StepWork.
+    """
+
+    __slots__ = ("_allreduces", "_attention", "_dims", "_linear", "_link", "_memory", "_params", "_ring", "_tp")
+
+    def __init__(self, dims: ModelDims, hw: Hardware, params: StepParams) -> None:
+        self._dims = dims
+        self._params = params
+        self._linear = hw.linear_flops * params.mfu
+        self._attention = hw.attention_flops * params.mfu
+        self._memory = hw.bandwidth * params.mbu
+        self._tp = hw.count > 1
+        self._ring = 2.0 * (hw.count - 1) / hw.count
+        self._link = hw.link_bytes_per_s
+        self._allreduces = 2 * dims.num_layers
+
+    def seconds(self, tokens: float, pairs: float, kv_tokens: float, weight_bytes: float | None = None) -> float:
+        """One step computing `tokens` new tokens over `pairs` (query, key) pairs, touching `kv_tokens` KV
+        entries; `weight_bytes` overrides the dense weight read (MoE). 0 for no tokens."""
+        if tokens <= 0:
+            return 0.0
+        dims, params = self._dims, self._params
+        compute = (2.0 * dims.active_params * tokens / self._linear
+                   + dims.attention_flops_per_pair * pairs / self._attention)
+        memory = ((dims.weight_bytes if weight_bytes is None else weight_bytes)
+                  + dims.kv_bytes_per_token * kv_tokens) / self._memory
+        comm = 0.0
+        if self._tp:
+            allreduce_bytes = tokens * dims.hidden_size * ACTIVATION_BYTES
+            comm = self._allreduces * (params.allreduce_s + allreduce_bytes * self._ring / self._link)
+        return params.overhead_s + comm + max(compute, memory) + params.interference * min(compute, memory)
+
+    def mixed(self, decodes: float, decode_context: float, prefill_tokens: float,
+              prefill_pairs: float | None = None) -> float:
+        """`step_seconds(mixed_work(...))` for the same arguments (see mixed_work)."""
+        if prefill_pairs is None:
+            prefill_pairs = prefill_tokens * (prefill_tokens + 1) / 2
+        decode_kv = decodes * (decode_context + 1)
+        return self.seconds(decodes + prefill_tokens, decode_kv + prefill_pairs, decode_kv + prefill_tokens)

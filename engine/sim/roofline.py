@@ -49,7 +49,7 @@ from typing import ClassVar
 from engine.base import EngineError
 from engine.sim.profiles import ModelProfile
 from runtime.catalog import GpuCatalog, GpuModel, default_catalog
-from runtime.stepmodel import ACTIVATION_BYTES, Hardware, ModelDims, StepParams, count_work, work_of
+from runtime.stepmodel import Hardware, ModelDims, StepParams, StepRates, count_work, work_of
 from runtime.stepmodel import step_seconds as model_step_seconds
 from runtime.stepparams import default_step_params
 
@@ -227,9 +227,9 @@ class StepTimer:
     """`step_seconds` for one GPU set, profile and params, with everything no step changes worked out once.
 
     The sim engine times every step it runs, several per request: this is the
-    calibrated step model's arithmetic (runtime.stepmodel's work_of and
-    step_seconds) inlined over precomputed rates, the same operations in the
-    same order, so the answer is step_seconds' to the last bit
+    calibrated step model (runtime.stepmodel.StepRates over precomputed
+    rates, the same operations in the same order as work_of and
+    step_seconds), so the answer is step_seconds' to the last bit
     (tests/unit/test_sim_step_timer.py holds it to that).
     """
 
@@ -240,18 +240,10 @@ class StepTimer:
         self._calibrated = params.timing != "roofline"
         if not self._calibrated:
             return
-        dims = self._dims = model_dims(profile)
-        hw = hardware(gpus, profile)
-        step = self._step = params.step_params(gpus.gpu.catalog_id)
-        self._linear_rate = hw.linear_flops * step.mfu
-        self._attention_rate = hw.attention_flops * step.mfu
-        self._memory_rate = hw.bandwidth * step.mbu
+        self._rates = StepRates(model_dims(profile), hardware(gpus, profile),
+                                params.step_params(gpus.gpu.catalog_id))
         # Dense models read the same weights whatever the batch; MoE ones depend on the step's tokens.
         self._dense_weight_bytes = None if profile.is_moe else weight_bytes_touched(profile, 1)
-        self._tp = hw.count > 1
-        self._ring = 2.0 * (hw.count - 1) / hw.count
-        self._link = hw.link_bytes_per_s
-        self._allreduces = 2 * dims.num_layers
 
     def seconds(self, work: Sequence[tuple[int, int]]) -> float:
         """Seconds of one step of `work`, (new, cached) per sequence; 0 for no work."""
@@ -266,18 +258,10 @@ class StepTimer:
             pairs += new * cached + new * (new + 1) / 2
         if tokens <= 0:
             return 0.0
-        dims, step = self._dims, self._step
         weight_bytes = self._dense_weight_bytes
         if weight_bytes is None:
             weight_bytes = weight_bytes_touched(self._profile, tokens)
-        compute = (2.0 * dims.active_params * tokens / self._linear_rate
-                   + dims.attention_flops_per_pair * pairs / self._attention_rate)
-        memory = (weight_bytes + dims.kv_bytes_per_token * kv_tokens) / self._memory_rate
-        comm = 0.0
-        if self._tp:
-            allreduce_bytes = tokens * dims.hidden_size * ACTIVATION_BYTES
-            comm = self._allreduces * (step.allreduce_s + allreduce_bytes * self._ring / self._link)
-        return step.overhead_s + comm + max(compute, memory) + step.interference * min(compute, memory)
+        return self._rates.seconds(tokens, pairs, kv_tokens, weight_bytes)
 
 
 def prefill_seconds(

@@ -6,8 +6,17 @@ import random
 
 import pytest
 
-from engine.sim.profiles import PROFILES
-from engine.sim.roofline import DEFAULT_PARAMS, ROOFLINE_PARAMS, RooflineParams, StepTimer, gpu_set, step_seconds
+from engine.sim.profiles import PROFILES, get_profile
+from engine.sim.roofline import (
+    DEFAULT_PARAMS,
+    ROOFLINE_PARAMS,
+    RooflineParams,
+    StepTimer,
+    gpu_set,
+    hardware,
+    model_dims,
+    step_seconds,
+)
 
 
 @pytest.mark.parametrize("profile_id", sorted(PROFILES))
@@ -26,3 +35,21 @@ def test_step_timer_equals_step_seconds(profile_id: str, gpu_type: str, count: i
         works.append(decodes + prefill)
     for work in works:
         assert timer.seconds(work) == step_seconds(gpus, profile, work, params), work
+
+
+def test_step_rates_equal_step_seconds_of_mixed_work_to_the_last_bit() -> None:
+    # The router prices steps through StepRates.mixed: it must be the calibrated model's answer exactly.
+    from runtime.stepmodel import StepRates, mixed_work
+    from runtime.stepmodel import step_seconds as model_step_seconds
+
+    profile = get_profile("llama-3-8b")
+    for gpu in ("H100-SXM", "A100-80GB", "L40S"):
+        for count in (1, 4):
+            gpus = gpu_set(gpu, count)
+            dims, hw = model_dims(profile), hardware(gpus, profile)
+            params = DEFAULT_PARAMS.step_params(gpus.gpu.catalog_id)
+            rates = StepRates(dims, hw, params)
+            for decodes, context, prefill, pairs in [(0, 0, 512, None), (16, 700.5, 0, None), (3, 20, 100, 9000.0),
+                                                     (1, 0, 1, None), (0, 0, 0, None), (200, 4000, 256, None)]:
+                expected = model_step_seconds(mixed_work(dims, decodes, context, prefill, pairs), hw, params)
+                assert rates.mixed(decodes, context, prefill, pairs) == expected
