@@ -80,6 +80,27 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def wait_routable(endpoint: str, model: str, *, prefill: int = 1, decode: int = 1, timeout: float = 30.0) -> None:
+    """Waits until the router at `endpoint` lists `model` with at least these routable workers."""
+    import time
+
+    import grpc
+
+    from tandem.v1 import inference_pb2, inference_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while True:
+            models = {m.name: m for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models}
+            info = models.get(model)
+            if info is not None and info.prefill_workers >= prefill and info.decode_workers >= decode:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router never saw {prefill}P+{decode}D for {model}: {models}")
+            time.sleep(0.05)
+
+
 def testbed(*, lease_ttl: int = 2, keep: bool = False) -> Testbed:
     """etcd and Tandem processes for a benchmark (quiet logs; the directory goes unless `keep`)."""
     return Testbed(lease_ttl=lease_ttl, keep=keep, shutdown_grace=5, extra_args=("--log-level", "warning"))

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import SIM_8B, cpu_seconds, percentile, print_header, table, testbed
+from _common import SIM_8B, cpu_seconds, percentile, print_header, table, testbed, wait_routable
 
 MODEL = "llama-3-8b"
 
@@ -121,24 +121,6 @@ async def _client_run(*, path: str, grpc_endpoint: str, http_port: int, warmup: 
     return {"latencies": latencies, "wall": wall, "errors": errors[:5], "error_count": len(errors)}
 
 
-def _wait_models(endpoint: str, timeout: float = 30.0) -> None:
-    import grpc
-
-    from tandem.v1 import inference_pb2, inference_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        while True:
-            models = {m.name: m for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models}
-            info = models.get(MODEL)
-            if info is not None and info.prefill_workers >= 1 and info.decode_workers >= 1:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the router never saw 1P+1D for {MODEL}: {models}")
-            time.sleep(0.05)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests")
@@ -171,7 +153,7 @@ def main() -> None:
         factory.start("p0", "prefill_svc", *sim)
         router = factory.start("router", "router_svc", "--http-listen", "127.0.0.1:0",
                                "--local-prefill-max-prompt-tokens", str(max(16, args.prompt_tokens)))
-        _wait_models(router.endpoint)
+        wait_routable(router.endpoint, MODEL)
         client.start()
         paths = [("grpc-complete", "gRPC Complete"), ("http-complete", "HTTP /v1/completions"),
                  ("grpc-generate", "gRPC Generate (stream)"), ("http-stream", "HTTP /v1/completions stream")]

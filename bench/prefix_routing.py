@@ -1,6 +1,7 @@
 """KV-aware routing on a shared-prefix workload: TTFT, prefill work and prefix hits per policy, same run.
 
     .venv/bin/python bench/prefix_routing.py [--quick] [--conversations 64] [--turns 8] [--concurrency 16]
+    .venv/bin/python bench/prefix_routing.py --quick --dynamo-venv /tmp/dyn/venv [--dynamo-routers kv,round-robin]
     .venv/bin/python bench/prefix_routing.py --scale-only [--workers 1000]
 
 Real processes, one fresh fleet per policy (so each starts with cold
@@ -37,6 +38,13 @@ some earlier request computed (one infinite cache holding everything).
 client against any OpenAI-compatible server (Dynamo's frontend, say), for a
 side-by-side on the same workload.
 
+`--dynamo-venv PATH` (ai-dynamo 1.6.1): after Tandem's policies (then run
+with `--http`), the same conversations and client against NVIDIA Dynamo's
+frontend, `--router-mode` kv and round-robin, over mockers shaped like
+Tandem's fleet (bench/_prefix_dynamo.py: the fleets, where each hit rate
+comes from). One table for all; TTFT compares only roughly (two different
+simulators), the hit rate like for like.
+
 `--scale-only`: the router's CPU per decision with the index on, in
 process, for a fleet of `--workers` workers whose caches hold the same kind
 of conversations: prefix lookup + policy decision, against a decision
@@ -48,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -55,7 +64,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import percentile, print_header, table, testbed
+from _common import percentile, print_header, table, testbed, wait_routable
+from _prefix_dynamo import Settings, add_dynamo_arguments, compare, describe, fleets, run_fleets
 
 MODEL = "llama-3-8b"
 GPU = "A100-80GB"
@@ -88,7 +98,7 @@ def router_main() -> int:
     register_policy(OraclePolicy.name, OraclePolicy)
     choose = pipeline_module.Pipeline._choose
 
-    async def knowing_choose(self, job, action):  # type: ignore[no-untyped-def]
+    async def knowing_choose(self, job, action):
         chosen = await choose(self, job, action)
         if isinstance(chosen, Chosen) and isinstance(self.policy, OraclePolicy):
             for worker in (chosen.prefill, chosen.decode):
@@ -190,49 +200,49 @@ async def drive_openai(url: str, model: str, work: Workload, concurrency: int, m
     """The same conversations against any OpenAI-compatible /v1/completions server, streamed.
 
     Replies in the history are synthetic (the same for every server, whatever it generates), so every
-    server sees the same prompts. TTFT is the client's (first streamed text); cached tokens are what the
-    server reports in usage.prompt_tokens_details.
+    server sees the same prompts. The client is bench/_openai_load.py's (raw HTTP/1.1, one keep-alive
+    connection per conversation in flight, no delayed ACKs). TTFT is the client's (first streamed
+    choice); cached tokens are what the server reports in usage.prompt_tokens_details.
     """
-    import json
+    from urllib.parse import urlsplit
 
-    import aiohttp
+    from _openai_load import Connection, LoadError, complete
 
+    where = urlsplit(url)
+    host, port = where.hostname or "127.0.0.1", where.port or 80
     gate = asyncio.Semaphore(concurrency)
     records: list[tuple[int, int, int, float, str, bool]] = []
     sent: list[tuple[list[int], list[int]]] = []
     errors: list[str] = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
 
-        async def conversation(index: int, system: int, users: list[list[int]]) -> None:
-            async with gate:
+    async def conversation(index: int, system: int, users: list[list[int]]) -> None:
+        async with gate:
+            conn = await Connection.open(host, port)
+            try:
                 history = list(work.systems[system])
                 for turn, user in enumerate(users):
                     prompt = [*history, *user]
                     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                             "stream_options": {"include_usage": True}, "ignore_eos": True}
-                    started = time.perf_counter()
-                    ttft, usage = 0.0, None
-                    async with session.post(url + "/v1/completions", json=body) as reply:
-                        if reply.status != 200:
-                            errors.append(f"{reply.status} {(await reply.text())[:200]}")
-                            return
-                        async for line in reply.content:
-                            data = line.strip().removeprefix(b"data:").strip()
-                            if not data or data == b"[DONE]":
-                                continue
-                            chunk = json.loads(data)
-                            if not ttft and chunk.get("choices") and chunk["choices"][0].get("text"):
-                                ttft = (time.perf_counter() - started) * 1000
-                            usage = chunk.get("usage") or usage
-                    cached = int(((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-                    answer = [3 + (index * 7 + turn * 13 + k) % 250 for k in range(max_tokens)]
-                    records.append((len(sent), len(prompt), cached, ttft, "", False))
-                    sent.append((prompt, [*prompt, *answer]))
-                    history = [*prompt, *answer]
+                    try:
+                        if not conn.reusable:
+                            await conn.close()
+                            conn = await Connection.open(host, port)
+                        async with asyncio.timeout(300):
+                            answer = await complete(conn, body)
+                    except (LoadError, OSError, TimeoutError, ValueError, KeyError) as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                        return
+                    reply = [3 + (index * 7 + turn * 13 + k) % 250 for k in range(max_tokens)]
+                    records.append((len(sent), len(prompt), answer.cached_tokens, answer.ttft_s * 1000, "", False))
+                    sent.append((prompt, [*prompt, *reply]))
+                    history = [*prompt, *reply]
+            finally:
+                await conn.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(conversation(i, s, users) for i, (s, users) in enumerate(work.conversations)))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(conversation(i, s, users) for i, (s, users) in enumerate(work.conversations)))
+    wall = time.perf_counter() - started
     return {"records": records, "wall": wall, "errors": errors, "hit_rates": None,
             "bound": seen_before_bound([p for p, _ in sent], [c for _, c in sent])}
 
@@ -251,25 +261,6 @@ def hit_rates(endpoints: dict[str, str]) -> dict[str, float]:
     return rates
 
 
-def wait_routable(endpoint: str, timeout: float = 60.0) -> None:
-    import grpc
-
-    from tandem.v1 import inference_pb2, inference_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        while True:
-            models = {m.name: m for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models}
-            info = models.get(MODEL)
-            if info is not None and (info.prefill_workers, info.decode_workers) == (PREFILL_WORKERS,
-                                                                                    DECODE_WORKERS):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the router never saw {PREFILL_WORKERS}P+{DECODE_WORKERS}D: {models}")
-            time.sleep(0.1)
-
-
 def run_policy(policy: str, work: Workload, args: argparse.Namespace) -> dict[str, object]:
     bed = testbed()
     try:
@@ -286,7 +277,7 @@ def run_policy(policy: str, work: Workload, args: argparse.Namespace) -> dict[st
         http = ("--http-listen", "127.0.0.1:0") if args.http else ()
         router = bed.start("router", "router_svc", "--policy", policy,
                            "--local-prefill-max-prompt-tokens", str(args.local_prefill), *http, python=python)
-        wait_routable(router.endpoint)
+        wait_routable(router.endpoint, MODEL, prefill=PREFILL_WORKERS, decode=DECODE_WORKERS, timeout=60.0)
         time.sleep(1.0)  # every load stream's first report (and snapshot) in
         if args.http:
             url = f"http://127.0.0.1:{router.info['http_port']}"
@@ -311,8 +302,12 @@ def summarize(policy: str, out: dict[str, object]) -> tuple[list[str], dict[str,
     looked_up: dict[str, int] = {}
     for r in records:
         looked_up[r[4]] = looked_up.get(r[4], 0) + r[1]
+    known = True
     if isinstance(rates, dict):
         cached = round(sum(rates.get(w, 0.0) * n for w, n in looked_up.items()))
+    elif "cached" in out:  # a Dynamo fleet: its own source, or none
+        known = out["cached"] is not None
+        cached = int(out["cached"] or 0)  # type: ignore[call-overload]
     else:  # over HTTP: what the server reports (remote prefills only, for Tandem)
         cached = sum(r[2] for r in records)
     hit = cached / prompt if prompt else 0.0
@@ -320,11 +315,16 @@ def summarize(policy: str, out: dict[str, object]) -> tuple[list[str], dict[str,
     for r in records:
         per_worker[r[4]] = per_worker.get(r[4], 0) + 1
     spread = " ".join(f"{w}:{per_worker[w]}" for w in sorted(per_worker))
-    local = sum(1 for r in records if r[5])
+    local = str(sum(1 for r in records if r[5]))
+    if not all(r[4] for r in records):  # an HTTP client learns neither
+        spread = local = "-"
     figures = {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "hit": hit,
                "computed": float(prompt - cached), "n": float(len(records))}
     row = [policy, str(len(records)), f"{figures['p50']:.1f}", f"{figures['p99']:.1f}",
-           f"{prompt - cached:,}", f"{hit:.1%}", str(local), spread, str(len(out["errors"]))]  # type: ignore[arg-type]
+           f"{prompt - cached:,}" if known else "-", f"{hit:.1%}" if known else "-", local, spread,
+           str(len(out["errors"]))]  # type: ignore[arg-type]
+    if not known:
+        figures["hit"] = figures["computed"] = float("nan")
     return row, figures
 
 
@@ -427,7 +427,10 @@ def main() -> None:
     parser.add_argument("--scale-only", action="store_true", help="only the in-process CPU measurement")
     parser.add_argument("--workers", type=int, default=1000, help="workers in view for the CPU measurement")
     parser.add_argument("--decisions", type=int, default=2000, help="decisions timed per variant")
+    add_dynamo_arguments(parser)
     args = parser.parse_args()
+    if args.dynamo_venv:
+        args.http = True  # the same client for both systems
     if args.scale_only:
         print_header(f"prefix-aware routing: router CPU per decision at {args.workers} workers")
         scale(args.workers, args.decisions)
@@ -448,7 +451,13 @@ def main() -> None:
                  f"1024 tokens, {low}-{high}-token user turns, {args.max_tokens}-token replies, concurrency "
                  f"{args.concurrency}, local prefill up to {args.local_prefill} uncached tokens; "
                  f"{PREFILL_WORKERS} prefill + {DECODE_WORKERS} decode sim workers "
-                 f"({MODEL}, {GPUS_PER_WORKER}x {GPU}, {KV_BLOCKS} KV blocks, speedup {args.speedup:g})")
+                 f"({MODEL}, {GPUS_PER_WORKER}x {GPU}, {KV_BLOCKS} KV blocks, speedup {args.speedup:g})"
+                 + (", over HTTP (streamed)" if args.http else ""))
+    dynamo = fleets(args.dynamo_routers, args.dynamo_fleets) if args.dynamo_venv else []
+    settings = Settings(MODEL, args.speedup, BLOCK, KV_BLOCKS, 64)
+    if dynamo:
+        print("\n".join(describe(settings)), flush=True)
+    load_start = os.getloadavg()
     rows = []
     figures: dict[str, dict[str, float]] = {}
     bound = 0.0
@@ -460,9 +469,26 @@ def main() -> None:
         rows.append(row)
         bound = float(out["bound"])  # type: ignore[arg-type]
         print(f"  measured: {policy}", file=sys.stderr, flush=True)
-    print(table(["policy", "requests", "TTFT p50 ms", "TTFT p99 ms", "prefill tokens computed", "prefix hit rate",
-                 "local prefills", "prefills per worker", "errors"], rows))
+    notes: list[str] = []
+    if dynamo:
+        rows = [[f"Tandem {row[0]}", *row[1:], "answers (prefill worker's hits)"] for row in rows]
+
+        def drive(url: str) -> dict[str, object]:
+            return asyncio.run(drive_openai(url, MODEL, work, args.concurrency, args.max_tokens))
+
+        dyn_rows, dyn_figures, notes = run_fleets(dynamo, settings, args, drive, summarize)
+        rows += dyn_rows
+        figures.update(dyn_figures)
+    headers = ["policy", "requests", "TTFT p50 ms", "TTFT p99 ms", "prefill tokens computed", "prefix hit rate",
+               "local prefills", "prefills per worker", "errors"]
+    print(table([*headers, "hit rate from"] if dynamo else headers, rows))
     print(f"prompt tokens an earlier request computed (the bound no router beats): {bound:.1%}")
+    for note in notes:
+        print(note)
+    if dynamo:
+        print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_start)} at start, "
+              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at end; all processes share "
+              f"{len(os.sched_getaffinity(0))} cores")
     aware, blind, oracle = (figures.get(p) for p in ("expected-time", "expected-time-prefix-blind", "oracle"))
     if aware and blind:
         print(f"\nprefix-aware vs prefix-blind expected-time: TTFT p50 {blind['p50'] / aware['p50']:.2f}x better, "
@@ -471,6 +497,8 @@ def main() -> None:
     if aware and oracle:
         print(f"hit rate: prefix-aware {aware['hit']:.1%} vs oracle {oracle['hit']:.1%} "
               f"({(oracle['hit'] - aware['hit']) * 100:+.1f} points to the oracle)")
+    if dynamo:
+        print(compare(figures))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from _common import (
     print_header,
     table,
     testbed,
+    wait_routable,
 )
 
 MODEL = "llama-3-8b"
@@ -129,24 +130,6 @@ async def _client_run(*, mode: str, endpoint: str, warmup: int, requests: int, c
 # -- the benchmark ---------------------------------------------------------------------
 
 
-def _wait_models(endpoint: str, prefill: int, decode: int, timeout: float = 30.0) -> None:
-    import grpc
-
-    from tandem.v1 import inference_pb2, inference_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        while True:
-            models = {m.name: m for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models}
-            info = models.get(MODEL)
-            if info is not None and info.prefill_workers >= prefill and info.decode_workers >= decode:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the router never saw {prefill}P+{decode}D for {MODEL}: {models}")
-            time.sleep(0.05)
-
-
 def _print_profile(path: Path, top: int = 30) -> None:
     print(f"\nrouter profile (cProfile, {path}): top {top} by own time, then by cumulative time")
     stats = pstats.Stats(str(path))
@@ -185,7 +168,7 @@ def main() -> None:
                   "cProfile.run('main(sys.argv[1:])', sys.argv.pop(1))", str(profile_path)] if args.profile else ()
         router = factory.start("router", "router_svc", "--local-prefill-max-prompt-tokens", str(LOCAL_PREFILL_MAX),
                                python=python)
-        _wait_models(router.endpoint, 1, 1)
+        wait_routable(router.endpoint, MODEL)
         client.start()
         paths = [
             ("direct Decode (baseline)", "direct", decode.endpoint, 8),
