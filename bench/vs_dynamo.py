@@ -58,6 +58,8 @@ from _common import SIM_8B, cpu_seconds, percentile, print_header, table, testbe
 from _dynamo import Deployment, dynamo_version, ensure_model, scrape_counts
 from _openai_load import LoadClient, LoadJob, LoadResult, UniquePrompts
 
+from tests.support.testbed import Testbed
+
 MODEL = "llama-3-8b"
 LOCAL_PREFILL_MAX = 16
 ROLES = ("front", "decode", "prefill", "etcd")
@@ -195,6 +197,98 @@ def _row(system: str, round_: str, fig: dict[str, float], stream: bool, routes: 
             routes, errors]
 
 
+def _tandem_targets(factory: Testbed, args: argparse.Namespace) -> dict[str, list[Target]]:
+    """Starts Tandem's fleet: the workers, the router, and a per-token router over the same workers."""
+    sim = (*SIM_8B, "--speedup", f"{args.speedup:g}", "--max-batch-size", str(max(16, args.concurrency)))
+    decode = factory.start("d0", "decode_svc", *sim)
+    prefill = factory.start("p0", "prefill_svc", *sim)
+    common = ("--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--local-prefill-max-prompt-tokens",
+              str(LOCAL_PREFILL_MAX))
+    router = factory.start("router", "router_svc", *common)
+    # The same router streaming each token batch as the worker sends it (what Dynamo's frontend does),
+    # instead of at most one event per --stream-interval-ms (default 2 ms).
+    per_token = factory.start("router-per-token", "router_svc", *common, "--stream-interval-ms", "0")
+    wait_routable(router.endpoint, MODEL)
+    wait_routable(per_token.endpoint, MODEL)
+    workers = {"decode": decode.pid, "prefill": prefill.pid, "etcd": factory.etcd.pid or 0}
+    return {mode: [Target("Tandem", int(router.info["http_port"]), {"front": router.pid, **workers},
+                          _tandem_routes(int(router.info["metrics_port"])), (route,)),
+                   Target(PER_TOKEN, int(per_token.info["http_port"]), {"front": per_token.pid, **workers},
+                          _tandem_routes(int(per_token.info["metrics_port"])), (route,), streams_only=True)]
+            for mode, route in (("agg", "local"), ("disagg", "disaggregated"))}
+
+
+def _start_dynamo(args: argparse.Namespace, root: Path, deployments: dict[str, Deployment],
+                  targets: dict[str, list[Target]]) -> None:
+    """Starts Dynamo's aggregated and disaggregated deployments (into `deployments`, for the caller to stop)."""
+    model = ensure_model(args.dynamo_venv, args.dynamo_model_dir)
+    for mode in ("agg", "disagg"):
+        deployments[mode] = Deployment(mode, args.dynamo_venv, model, root, model_name=MODEL,
+                                       speedup=args.speedup).start()
+    for mode, dyn in deployments.items():
+        dyn.wait_ready()
+        expect = ("aggregated",) if mode == "agg" else ("decode", "prefill")
+        targets[mode].append(Target("Dynamo", dyn.port, dyn.pids, dyn.routes, expect))
+
+
+def _measure_all(client: LoadClient, targets: dict[str, list[Target]], args: argparse.Namespace, requests: int,
+                 warmup: int, runs: dict[str, list[Run]], problems: list[str]) -> None:
+    """Every path, round and system, interleaved (who goes first alternates by round)."""
+    # Request numbers never repeat within a fleet: Tandem's two routers share its workers' caches.
+    first = dict.fromkeys(("Tandem", "Dynamo"), 0)
+    for path in PATHS:
+        for round_ in range(1, args.rounds + 1):
+            mode = "disagg" if path.disaggregated else "agg"
+            order = targets[mode] if round_ % 2 else targets[mode][::-1]
+            for target in (t for t in order if path.stream or not t.streams_only):
+                fleet = "Dynamo" if target.system == "Dynamo" else "Tandem"
+                job = LoadJob("127.0.0.1", target.port, MODEL, UniquePrompts(path.prompt_tokens), path.stream,
+                              requests, warmup, first=first[fleet], concurrency=args.concurrency,
+                              max_tokens=args.max_tokens)
+                first[fleet] += warmup + requests
+                run, trouble = _measure(client, target, job, round_)
+                runs[path.label].append(run)
+                problems += [f"{path.label}, {p}" for p in trouble]
+                for p in trouble:
+                    print(f"!!! {path.label}, {p}", file=sys.stderr, flush=True)
+                print(f"  measured: {path.label}, {target.system} round {round_}: {run.rps:.0f} req/s",
+                      file=sys.stderr, flush=True)
+
+
+def _report(runs: dict[str, list[Run]], problems: list[str], loads: tuple[tuple[float, ...], tuple[float, ...]],
+            dynamo_ran: bool, rounds: int) -> None:
+    print("CPU ms/req: front = Tandem router / Dynamo frontend; decode = sim decode worker / mocker (aggregated or "
+          "decode); prefill = sim prefill worker / prefill mocker; client = the load client; routes = Tandem's "
+          "router decisions / Dynamo's frontend routes by phase, in the measured window")
+    for path in PATHS:
+        print(f"\n{path.label}")
+        print(table(["system", "round", "req/s", "p50 ms", "p99 ms", "TTFT p50 ms", "front", "decode", "prefill",
+                     "etcd", "client", "routes", "errors"], _rows(runs[path.label], path.stream)))
+    print(f"\nload average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in loads[0])} at start, "
+          f"{', '.join(f'{x:.1f}' for x in loads[1])} at end; all processes share "
+          f"{len(os.sched_getaffinity(0))} cores")
+    if problems:
+        print(f"\n!!! {len(problems)} PROBLEMS: the figures above are not to be trusted", flush=True)
+        for problem in problems:
+            print(f"!!! {problem}", flush=True)
+    if not dynamo_ran:
+        print("\nDynamo was not run (no --dynamo-venv): no Tandem/Dynamo ratios")
+        return
+    print()
+    for path in PATHS:
+        medians = {}
+        for system in ("Tandem", PER_TOKEN, "Dynamo"):
+            figures = [run.figures() for run in runs[path.label] if run.system == system]
+            if figures:
+                medians[system] = {key: statistics.median(f[key] for f in figures) for key in ("rps", "front")}
+        d = medians["Dynamo"]
+        for system in ("Tandem", PER_TOKEN):
+            if system in medians:
+                t = medians[system]
+                print(f"{system}/Dynamo, {path.label}: req/s {_ratio(t['rps'], d['rps'])}, front CPU ms/req "
+                      f"{_ratio(t['front'], d['front'])} (medians of {rounds})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests")
@@ -228,93 +322,20 @@ def main() -> None:
     problems: list[str] = []
     left: list[str] = []
     try:
-        sim = (*SIM_8B, "--speedup", f"{args.speedup:g}", "--max-batch-size", str(max(16, args.concurrency)))
-        decode = factory.start("d0", "decode_svc", *sim)
-        prefill = factory.start("p0", "prefill_svc", *sim)
-        router = factory.start("router", "router_svc", "--http-listen", "127.0.0.1:0", "--metrics-listen",
-                               "127.0.0.1:0", "--local-prefill-max-prompt-tokens", str(LOCAL_PREFILL_MAX))
-        # The same router streaming each token batch as the worker sends it (what Dynamo's frontend does),
-        # instead of at most one event per --stream-interval-ms (default 2 ms).
-        per_token = factory.start("router-per-token", "router_svc", "--http-listen", "127.0.0.1:0",
-                                  "--metrics-listen", "127.0.0.1:0", "--local-prefill-max-prompt-tokens",
-                                  str(LOCAL_PREFILL_MAX), "--stream-interval-ms", "0")
-        wait_routable(router.endpoint, MODEL)
-        wait_routable(per_token.endpoint, MODEL)
-        workers = {"decode": decode.pid, "prefill": prefill.pid, "etcd": factory.etcd.pid or 0}
-        targets = {mode: [Target("Tandem", int(router.info["http_port"]), {"front": router.pid, **workers},
-                                 _tandem_routes(int(router.info["metrics_port"])), (route,)),
-                          Target(PER_TOKEN, int(per_token.info["http_port"]), {"front": per_token.pid, **workers},
-                                 _tandem_routes(int(per_token.info["metrics_port"])), (route,), streams_only=True)]
-                   for mode, route in (("agg", "local"), ("disagg", "disaggregated"))}
+        targets = _tandem_targets(factory, args)
         if args.dynamo_venv:
-            model = ensure_model(args.dynamo_venv, args.dynamo_model_dir)
-            for mode in ("agg", "disagg"):
-                deployments[mode] = Deployment(mode, args.dynamo_venv, model, root, model_name=MODEL,
-                                               speedup=args.speedup).start()
-            for mode, dyn in deployments.items():
-                dyn.wait_ready()
-                expect = ("aggregated",) if mode == "agg" else ("decode", "prefill")
-                targets[mode].append(Target("Dynamo", dyn.port, dyn.pids, dyn.routes, expect))
+            _start_dynamo(args, root, deployments, targets)
         client.start()
-        # Request numbers never repeat within a fleet: Tandem's two routers share its workers' caches.
-        first = dict.fromkeys(("Tandem", "Dynamo"), 0)
-        for path in PATHS:
-            for round_ in range(1, args.rounds + 1):
-                mode = "disagg" if path.disaggregated else "agg"
-                order = targets[mode] if round_ % 2 else targets[mode][::-1]
-                for target in (t for t in order if path.stream or not t.streams_only):
-                    fleet = "Dynamo" if target.system == "Dynamo" else "Tandem"
-                    job = LoadJob("127.0.0.1", target.port, MODEL, UniquePrompts(path.prompt_tokens), path.stream,
-                                  requests, warmup, first=first[fleet], concurrency=args.concurrency,
-                                  max_tokens=args.max_tokens)
-                    first[fleet] += warmup + requests
-                    run, trouble = _measure(client, target, job, round_)
-                    runs[path.label].append(run)
-                    problems += [f"{path.label}, {p}" for p in trouble]
-                    for p in trouble:
-                        print(f"!!! {path.label}, {p}", file=sys.stderr, flush=True)
-                    print(f"  measured: {path.label}, {target.system} round {round_}: {run.rps:.0f} req/s",
-                          file=sys.stderr, flush=True)
+        _measure_all(client, targets, args, requests, warmup, runs, problems)
     finally:
         client.close()
         for mode, dyn in deployments.items():
             left += [f"dynamo-{mode} {role}" for role in dyn.close()]
         left += factory.close()
         shutil.rmtree(root, ignore_errors=True)
-    load_end = os.getloadavg()
-
-    print("CPU ms/req: front = Tandem router / Dynamo frontend; decode = sim decode worker / mocker (aggregated or "
-          "decode); prefill = sim prefill worker / prefill mocker; client = the load client; routes = Tandem's "
-          "router decisions / Dynamo's frontend routes by phase, in the measured window")
-    for path in PATHS:
-        print(f"\n{path.label}")
-        print(table(["system", "round", "req/s", "p50 ms", "p99 ms", "TTFT p50 ms", "front", "decode", "prefill",
-                     "etcd", "client", "routes", "errors"], _rows(runs[path.label], path.stream)))
-    print(f"\nload average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_start)} at start, "
-          f"{', '.join(f'{x:.1f}' for x in load_end)} at end; all processes share "
-          f"{len(os.sched_getaffinity(0))} cores")
     if left:
         problems.append(f"processes left running: {left}")
-    if problems:
-        print(f"\n!!! {len(problems)} PROBLEMS: the figures above are not to be trusted", flush=True)
-        for problem in problems:
-            print(f"!!! {problem}", flush=True)
-    if not deployments:
-        print("\nDynamo was not run (no --dynamo-venv): no Tandem/Dynamo ratios")
-    else:
-        print()
-        for path in PATHS:
-            medians = {}
-            for system in ("Tandem", PER_TOKEN, "Dynamo"):
-                figures = [run.figures() for run in runs[path.label] if run.system == system]
-                if figures:
-                    medians[system] = {key: statistics.median(f[key] for f in figures) for key in ("rps", "front")}
-            d = medians["Dynamo"]
-            for system in ("Tandem", PER_TOKEN):
-                if system in medians:
-                    t = medians[system]
-                    print(f"{system}/Dynamo, {path.label}: req/s {_ratio(t['rps'], d['rps'])}, front CPU ms/req "
-                          f"{_ratio(t['front'], d['front'])} (medians of {args.rounds})")
+    _report(runs, problems, (load_start, os.getloadavg()), bool(deployments), args.rounds)
     if problems:
         sys.exit(1)
 

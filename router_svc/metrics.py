@@ -10,37 +10,12 @@ carries each request's id as an OpenMetrics exemplar (scrape with
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
-
 from prometheus_client import Counter, Histogram
 
 from router_svc.pipeline import Outcome
+from runtime.metrics import Series
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-M = TypeVar("M", Counter, Histogram)
-
-
-class Series(Generic[M]):
-    """A labelled metric whose children are looked up once per label values.
-
-    prometheus-client's labels() validates and takes a lock on every call,
-    and a request touches about ten series. Label values here are bounded
-    (served models, status names, routing reasons, known paths), so the
-    cache is too.
-    """
-
-    def __init__(self, metric: M) -> None:
-        self.metric: M = metric
-        self._children: dict[tuple[str, ...], M] = {}
-
-    def labels(self, *values: str) -> M:
-        """The child for these label values, in the order the metric declares its label names."""
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self.metric.labels(*values)
-        return child
-
 
 class RouterMetrics:
     """Created once per process (prometheus-client registers series globally)."""

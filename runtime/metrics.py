@@ -17,10 +17,10 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metrics, make_wsgi_app
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -33,6 +33,30 @@ disable_created_metrics()
 
 HEALTHY = "ok"
 DRAINING = "draining"
+
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class Series(Generic[M]):
+    """A labelled metric whose children are looked up once per label values.
+
+    prometheus-client's labels() validates and takes a lock on every call,
+    and a router or worker request touches several series. Use it only for
+    label values from bounded sets (models, status names, reasons, roles,
+    transports): the cache keeps every child it made.
+    """
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        """The child for these label values, in the order the metric declares its label names."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class _QuietHandler(WSGIRequestHandler):

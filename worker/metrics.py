@@ -12,13 +12,14 @@ moves new counts to the new role's series, counts
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from runtime.metrics import Series
 from tandem.v1 import common_pb2, worker_pb2
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -64,27 +65,16 @@ _M = TypeVar("_M", Counter, Histogram)
 
 
 class _Bound(Generic[_M]):
-    """A labelled series with the worker's own labels filled in: `.labels(...)` takes only the rest.
+    """A labelled series with the worker's own labels filled in: `.labels(...)` takes only the rest,
+    positionally, in the order the metric declares them (after the worker's own)."""
 
-    Children are kept per (role, label values): the servicers count every request, and prometheus'
-    own lookup from keyword labels costs several microseconds. The values come from small fixed sets
-    (RPC names, status codes, transports, roles), so the cache stays small.
-    """
-
-    def __init__(self, metric: _M, fixed: dict[str, str], rest: Sequence[str]) -> None:
-        self._metric: _M = metric
+    def __init__(self, metric: _M, fixed: dict[str, str]) -> None:
+        self._series: Series[_M] = Series(metric)
+        # Shared with WorkerMetrics: set_role() changes the role every series counts under.
         self._fixed = fixed
-        self._rest = tuple(rest)
-        self._children: dict[tuple[object, ...], _M] = {}
 
-    def labels(self, *values: str, **named: str) -> _M:
-        # The role is the one fixed label that changes (WorkerMetrics.set_role).
-        key = (self._fixed["role"], values, *named.items())
-        child = self._children.get(key)
-        if child is None:
-            child = self._metric.labels(**self._fixed, **dict(zip(self._rest, values, strict=False)), **named)
-            self._children[key] = child
-        return child
+    def labels(self, *values: str) -> _M:
+        return self._series.labels(*self._fixed.values(), *values)
 
 
 class WorkerMetrics:
@@ -97,21 +87,21 @@ class WorkerMetrics:
         own = list(fixed)
         REGISTRY.register(_LoadCollector(snapshot, fixed))
         self.requests = _Bound(Counter("tandem_worker_requests", "Requests by RPC and final gRPC status",
-                                       [*own, "rpc", "status"]), fixed, ["rpc", "status"])
+                                       [*own, "rpc", "status"]), fixed)
         self._prefill_seconds = Histogram("tandem_worker_prefill_seconds", "Prefill time (engine)", own,
                                           buckets=_BUCKETS)
         self.prefill_seconds = self._prefill_seconds.labels(**fixed)
         self.kv_transfer_seconds = _Bound(Histogram("tandem_worker_kv_transfer_seconds", "KV cache import time",
-                                                    [*own, "transport"], buckets=_BUCKETS), fixed, ["transport"])
+                                                    [*own, "transport"], buckets=_BUCKETS), fixed)
         self.kv_transfer_bytes = _Bound(Counter("tandem_worker_kv_transfer_bytes", "KV cache bytes imported",
-                                                [*own, "transport"]), fixed, ["transport"])
+                                                [*own, "transport"]), fixed)
         self.kv_exported_bytes = _Bound(Counter("tandem_worker_kv_exported_bytes",
                                                 "KV cache bytes offered to decode workers", [*own, "transport"]),
-                                        fixed, ["transport"])
+                                        fixed)
         self._generated_tokens = Counter("tandem_worker_generated_tokens", "Tokens generated", own)
         self.generated_tokens = self._generated_tokens.labels(**fixed)
         self.role_switches = _Bound(Counter("tandem_worker_role_switches", "Live role switches completed, by the "
-                                            "role switched from", [*own, "from_role"]), fixed, ["from_role"])
+                                            "role switched from", [*own, "from_role"]), fixed)
 
     def set_role(self, role: str) -> None:
         """Counts from now on under `role` (a live role switch ended)."""

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 
 from controlplane.supervisor import ManagedProcess
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.support.polling import wait_until
 from tests.support.testbed import Testbed
 
 pytestmark = pytest.mark.integration
@@ -38,16 +38,6 @@ def base_url(router: ManagedProcess) -> str:
 def sdk(router: ManagedProcess, api_key: str = "unused") -> openai.OpenAI:
     # max_retries=0: the SDK would retry 429/503 by itself; the tests look at the first answer.
     return openai.OpenAI(base_url=base_url(router), api_key=api_key, max_retries=0, timeout=120)
-
-
-def wait_until(check: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.05)  # poll interval
 
 
 def wait_model(client: openai.OpenAI, model: str, decode: int = 1) -> None:

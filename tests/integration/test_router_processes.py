@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from controlplane.supervisor import ManagedProcess
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from tests.support.polling import wait_until
 from tests.support.testbed import Testbed
 
 pytestmark = pytest.mark.integration
@@ -35,16 +35,6 @@ def bed(tmp_path: Path) -> Iterator[Testbed]:
     testbed = Testbed(tmp_path, extra_args=("--log-format", "json"))
     yield testbed
     assert not testbed.close(), "children left running"
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.05)  # poll interval
 
 
 def alive(pid: int) -> bool:
